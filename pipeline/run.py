@@ -1,0 +1,236 @@
+"""Command line: ``python -m pipeline.run --config configs/iris.yaml [...]``.
+
+Settings of the config file can be overridden by flags; every argument that
+is not the stage's own goes to Beam as a pipeline option (``--runner``,
+``--direct_num_workers``, ...). Exit status: 0 on success, 2 for a bad
+config or input (one line on stderr says what and how to mend it), 1 for a
+failure during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import re
+import sys
+import time
+import uuid
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+import pipeline
+from pipeline import config as config_module
+from pipeline import graph
+from pipeline.config import Config, ConfigError
+from transforms import output
+from transforms.errors import StageError
+from transforms.inputs import scan_inputs
+from transforms.stats import NAMESPACE
+
+_LOGGER = logging.getLogger(__name__)
+
+_OVERRIDES = {
+    "--input": str,
+    "--output-dir": str,
+    "--key": str,
+    "--n-components": int,
+    "--ddof": int,
+    "--dtype": str,
+    "--missing": str,
+    "--block-rows": int,
+    "--batch-blocks": int,
+    "--n-shards": int,
+}
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The stage's own arguments, and the rest for Beam."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.run",
+        description="Per-group covariance, correlation and PCA of Parquet data.",
+        epilog="Other arguments are Beam pipeline options, e.g. --runner.",
+    )
+    parser.add_argument("--config", required=True, help="the YAML config file")
+    for flag, kind in _OVERRIDES.items():
+        parser.add_argument(flag, type=kind, help="overrides the config's setting")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="write into an output_dir that holds files this stage did not write",
+    )
+    parser.add_argument("--log-level", default="INFO", help="default: INFO")
+    return parser.parse_known_args(argv)
+
+
+def _counters(result) -> dict[str, int]:
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    counts: dict[str, int] = {}
+    for counter in query["counters"]:
+        value = (
+            counter.committed if counter.committed is not None else counter.attempted
+        )
+        name = counter.key.metric.name
+        counts[name] = counts.get(name, 0) + int(value or 0)
+    return counts
+
+
+def _by_reason(counts: dict[str, int], prefix: str) -> dict[str, int]:
+    return {
+        name[len(prefix) :]: value
+        for name, value in sorted(counts.items())
+        if name.startswith(prefix) and value
+    }
+
+
+def make_summary(config: Config, counts: dict[str, int], seconds: float) -> dict:
+    """The figures of a finished run, as summary.json holds them."""
+    return {
+        "rows_read": counts.get("rows_read", 0),
+        "rows_projected": counts.get("rows_projected", 0),
+        "rows_left_out": _by_reason(counts, "rows_left_out."),
+        "groups_written": counts.get("groups_written", 0),
+        "groups_left_out": _by_reason(counts, "groups_left_out."),
+        "seconds": round(seconds, 3),
+        "config": config.to_dict(),
+        "versions": {
+            "stage": pipeline.__version__,
+            "python": platform.python_version(),
+            "apache_beam": beam.__version__,
+            "tensorflow": _tensorflow_version(),
+            "pyarrow": pa.__version__,
+        },
+    }
+
+
+def _tensorflow_version() -> str:
+    import tensorflow as tf
+
+    return tf.__version__
+
+
+def run(config: Config, beam_args: list[str]) -> dict:
+    """Run the stage and move its outputs into place.
+
+    Returns:
+        The run's summary (also written to ``<output_dir>/summary.json``).
+
+    Raises:
+        StageError: the config does not fit the input, or the input is bad.
+    """
+    started = time.monotonic()
+    spec = scan_inputs(
+        config.input,
+        config.key,
+        list(config.features) if config.features is not None else None,
+        list(config.passthrough),
+    )
+    n_features = len(spec.features)
+    if config.n_components > n_features:
+        msg = (
+            f"n_components={config.n_components} must be at most "
+            f"n_features={n_features}"
+        )
+        raise ConfigError(msg)
+    output.check_output_dir(config.output_dir, config.overwrite)
+
+    staging = output.staging_dir(config.output_dir, uuid.uuid4().hex[:12])
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner
+    try:
+        p = beam.Pipeline(runner=_local_runner(runner), options=options)
+        graph.build(p, config, spec, staging)
+        _LOGGER.info("Running on %s", runner or "DirectRunner")
+        result = p.run()
+        result.wait_until_finish()
+        counts = _counters(result)
+        summary = make_summary(config, counts, time.monotonic() - started)
+        output.write_summary(staging, summary)
+        output.commit(config.output_dir, staging, [*output.DATASETS, output.SUMMARY])
+    except BaseException:
+        output.discard([staging])
+        raise
+
+    _log_summary(summary, config.output_dir)
+    return summary
+
+
+def _local_runner(name: str | None):
+    """The DirectRunner as Beam's in-process FnApiRunner, or None for others.
+
+    Beam's DirectRunner first tries to fetch the Prism runner binary from the
+    internet; a batch job here needs none of it, and on a closed network the
+    attempt only costs time. FnApiRunner is what it falls back to, with the
+    same ``--direct_num_workers`` and ``--direct_running_mode`` options.
+    """
+    if name is None or name.lower() in ("directrunner", "direct"):
+        return FnApiRunner()
+    return None
+
+
+def _log_summary(summary: dict, output_dir: str) -> None:
+    _LOGGER.info(
+        "Done in %.1f s: %d rows read, %d projected, %d groups written to %s",
+        summary["seconds"],
+        summary["rows_read"],
+        summary["rows_projected"],
+        summary["groups_written"],
+        output_dir,
+    )
+    for reason, rows in summary["rows_left_out"].items():
+        _LOGGER.warning("Left out %d rows: %s", rows, reason.replace("_", " "))
+    for reason, groups in summary["groups_left_out"].items():
+        _LOGGER.warning("Left out %d groups: %s", groups, reason.replace("_", " "))
+
+
+def stage_error_message(exc: BaseException) -> str | None:
+    """The message of a StageError behind ``exc``, if there is one.
+
+    Runners wrap errors raised in workers: the DirectRunner re-raises the same
+    type with the step appended, other runners only keep its text.
+    """
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, StageError):
+            return re.sub(r"\s*\[while running .*$", "", str(seen).splitlines()[0])
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"(?:InputError|ConfigError|StageError): (.+)", str(exc))
+    if found:
+        return re.sub(r"\s*\[while running .*$", "", found.group(1))
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, beam_args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag in _OVERRIDES
+    }
+    overrides["overwrite"] = args.overwrite
+    try:
+        config = config_module.load(args.config, overrides)
+        run(config, beam_args)
+    except Exception as exc:
+        message = stage_error_message(exc)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        _LOGGER.debug("Run failed", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: the run failed: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Pack a group's rows into fixed-size blocks and merge moments exactly.
+
+Plain NumPy, float64, nothing of Beam or TensorFlow. The moments of a set of
+rows are its row count, its mean and its co-moment matrix
+``comoment = sum_i (x_i - mean)^T (x_i - mean)``; the covariance is
+``comoment / (n_rows - ddof)``. Moments of disjoint parts merge exactly with
+the pairwise update of Chan, Golub and LeVeque, generalised here to many parts
+at once:
+
+    n = sum_p n_p
+    mean = sum_p n_p * mean_p / n
+    comoment = sum_p comoment_p + sum_p n_p (mean_p - mean)^T (mean_p - mean)
+
+No raw sum of squares is ever formed, so large offsets cost no precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclasses.dataclass
+class Moments:
+    """Moments of many groups, one entry per distinct key.
+
+    Attributes:
+        keys: the groups' keys, an Arrow array of length n_groups with no
+            repeats (a merge of several ``Moments`` may hold repeats until
+            ``merge_moments`` folds them).
+        n_rows: int64, shape (n_groups,), rows in each group.
+        mean: float64, shape (n_groups, n_features).
+        comoment: float64, shape (n_groups, n_features, n_features), the sum
+            of outer products of the centred rows.
+    """
+
+    keys: pa.Array
+    n_rows: np.ndarray
+    mean: np.ndarray
+    comoment: np.ndarray
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.n_rows)
+
+
+def empty_moments(key_type: pa.DataType, n_features: int) -> Moments:
+    """Moments of no group at all, for a given key type and width."""
+    return Moments(
+        keys=pa.array([], type=key_type),
+        n_rows=np.zeros(0, dtype=np.int64),
+        mean=np.zeros((0, n_features)),
+        comoment=np.zeros((0, n_features, n_features)),
+    )
+
+
+def segment_starts(sorted_ids: np.ndarray) -> np.ndarray:
+    """Index of the first element of each run of equal ids in a sorted array."""
+    if len(sorted_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
+    return np.concatenate([[0], change])
+
+
+def merge_moments(parts: list[Moments]) -> Moments:
+    """Fold moments of parts that may share keys into one entry per key.
+
+    Args:
+        parts: moments of disjoint sets of rows; the same key may appear in
+            several parts (and several times within one).
+
+    Returns:
+        Moments with one entry per distinct key, keys in order of first
+        appearance.
+    """
+    keys = pa.concat_arrays([part.keys for part in parts])
+    n_rows = np.concatenate([part.n_rows for part in parts])
+    mean = np.concatenate([part.mean for part in parts])
+    comoment = np.concatenate([part.comoment for part in parts])
+
+    # Parts without rows carry no information (their mean is arbitrary).
+    if (n_rows == 0).any():
+        keep = n_rows > 0
+        keys = keys.filter(pa.array(keep))
+        n_rows, mean, comoment = n_rows[keep], mean[keep], comoment[keep]
+
+    encoded = keys.dictionary_encode()
+    group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(group) == len(encoded.dictionary):
+        return Moments(encoded.dictionary, n_rows, mean, comoment)
+
+    order = np.argsort(group, kind="stable")
+    group, n_rows, mean, comoment = (
+        group[order],
+        n_rows[order],
+        mean[order],
+        comoment[order],
+    )
+    starts = segment_starts(group)
+
+    total = np.add.reduceat(n_rows, starts)
+    # Weighted offsets from the first part's mean keep the sum small.
+    reference = mean[starts]
+    offset = mean - np.repeat(reference, np.diff(np.append(starts, len(group))), 0)
+    weighted = offset * n_rows[:, None]
+    merged_mean = reference + np.add.reduceat(weighted, starts) / total[:, None]
+
+    spread = mean - np.repeat(merged_mean, np.diff(np.append(starts, len(group))), 0)
+    between = np.einsum("p,pi,pj->pij", n_rows.astype(np.float64), spread, spread)
+    merged_comoment = np.add.reduceat(comoment + between, starts)
+
+    return Moments(
+        keys=encoded.dictionary.take(pa.array(group[starts])),
+        n_rows=total,
+        mean=merged_mean,
+        comoment=merged_comoment,
+    )
+
+
+def choose_block_size(n_rows: int, n_groups: int, block_rows: int) -> int:
+    """Rows per block for one batch of input: fixed within the batch.
+
+    A power of two at least the mean group size, so that typical groups fill
+    about half a block or more, between 8 and ``block_rows``. Results do not
+    depend on it; only padding waste and the number of blocks do.
+    """
+    if n_groups == 0:
+        return min(8, block_rows)
+    mean_size = max(1, -(-n_rows // n_groups))
+    size = 1 << (mean_size - 1).bit_length()
+    return int(min(block_rows, max(8, size)))
+
+
+@dataclasses.dataclass
+class BlockLayout:
+    """Where each row of a batch goes in the padded block tensor.
+
+    Attributes:
+        order: int64, shape (n_rows,), row indices sorted by group.
+        block: int64, shape (n_rows,), block of the row ``order[i]``.
+        slot: int64, shape (n_rows,), position of that row in its block.
+        block_group: int64, shape (n_blocks,), the group of each block.
+        block_size: rows per block.
+    """
+
+    order: np.ndarray
+    block: np.ndarray
+    slot: np.ndarray
+    block_group: np.ndarray
+    block_size: int
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_group)
+
+
+def layout_blocks(group: np.ndarray, n_groups: int, block_size: int) -> BlockLayout:
+    """Cut each group's rows into blocks of ``block_size`` rows.
+
+    Args:
+        group: int64, shape (n_rows,), group index of every row, in
+            [0, n_groups).
+        n_groups: number of groups.
+        block_size: rows per block; the last block of a group is padded.
+
+    Returns:
+        The layout; blocks of one group are consecutive.
+    """
+    order = np.argsort(group, kind="stable")
+    sorted_group = group[order]
+    counts = np.bincount(group, minlength=n_groups)
+    first_row = np.cumsum(counts) - counts
+    position = np.arange(len(group)) - first_row[sorted_group]
+
+    blocks_per_group = -(-counts // block_size)
+    first_block = np.cumsum(blocks_per_group) - blocks_per_group
+    block = first_block[sorted_group] + position // block_size
+    slot = position % block_size
+    block_group = np.repeat(np.arange(n_groups), blocks_per_group)
+    return BlockLayout(order, block, slot, block_group, block_size)
+
+
+def first_rows(values: np.ndarray, layout: BlockLayout) -> np.ndarray:
+    """The first row of every block, float64, shape (n_blocks, n_features)."""
+    first = np.zeros((layout.n_blocks, values.shape[1]))
+    is_first = layout.slot == 0
+    first[layout.block[is_first]] = values[layout.order[is_first]]
+    return first
+
+
+def fill_blocks(
+    values: np.ndarray, layout: BlockLayout, offsets: np.ndarray, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter rows into padded blocks, less an offset per block.
+
+    The offset is subtracted in float64 before any cast, so that a float32
+    block holds values of the size of the spread, not of the offset.
+
+    Args:
+        values: float64, shape (n_rows, n_features).
+        layout: from ``layout_blocks``.
+        offsets: float64, shape (n_blocks, n_features), subtracted from every
+            row of its block (a block's first row, or its group's mean).
+        dtype: dtype of the returned blocks.
+
+    Returns:
+        blocks: shape (n_blocks, block_size, n_features), padding is 0.
+        mask: same dtype, shape (n_blocks, block_size), 1 for a real row.
+    """
+    n_features = values.shape[1]
+    blocks = np.zeros((layout.n_blocks, layout.block_size, n_features), dtype=dtype)
+    blocks[layout.block, layout.slot] = values[layout.order] - offsets[layout.block]
+    mask = np.zeros((layout.n_blocks, layout.block_size), dtype=dtype)
+    mask[layout.block, layout.slot] = 1
+    return blocks, mask

@@ -1,0 +1,158 @@
+"""Write the output datasets to a staging place and move them in at the end.
+
+A run writes under ``<output_dir>/.staging-<run_id>/`` and only when the whole
+pipeline has succeeded are the datasets moved to their final names, through
+Beam's filesystems. A run that fails or is killed leaves the previous output
+as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.errors import InputError
+
+_LOGGER = logging.getLogger(__name__)
+
+DATASETS = ("components", "projected")
+SUMMARY = "summary.json"
+_STAGING_PREFIX = ".staging-"
+_PREVIOUS_PREFIX = ".previous-"
+
+
+class WriteDataset(beam.PTransform):
+    """PCollection of Arrow tables -> Parquet files of one dataset.
+
+    Args:
+        directory: the dataset's folder (under the staging place).
+        schema: the schema every table has.
+    """
+
+    def __init__(self, directory: str, schema: pa.Schema):
+        super().__init__()
+        self._directory = directory
+        self._schema = schema
+
+    def expand(self, pcoll):
+        return pcoll | beam.io.WriteToParquetBatched(
+            FileSystems.join(self._directory, "part"),
+            schema=self._schema,
+            codec="snappy",
+            file_name_suffix=".parquet",
+        )
+
+
+def staging_dir(output_dir: str, run_id: str) -> str:
+    return FileSystems.join(output_dir, _STAGING_PREFIX + run_id)
+
+
+def _children(directory: str) -> list[str]:
+    """Paths directly under a directory (local or remote)."""
+    if not FileSystems.exists(directory):
+        return []
+    pattern = FileSystems.join(directory, "*")
+    paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if FileSystems.get_scheme(directory) is None:
+        # Local globbing skips dot-files; the staging folders start with one.
+        paths = [os.path.join(directory, name) for name in os.listdir(directory)]
+    return sorted(paths)
+
+
+def _is_own(name: str) -> bool:
+    return (
+        name in DATASETS
+        or name == SUMMARY
+        or name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
+    )
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse an output folder that holds files this stage did not write.
+
+    Leftovers of killed runs (staging folders) are removed.
+
+    Raises:
+        InputError: a foreign file is there and ``overwrite`` is False, or the
+            folder cannot be written.
+    """
+    entries = [os.path.basename(path.rstrip("/")) for path in _children(output_dir)]
+    foreign = [name for name in entries if not _is_own(name)]
+    if foreign and not overwrite:
+        msg = (
+            f"output_dir={output_dir!r} holds files this stage did not write "
+            f"({', '.join(foreign[:3])}); choose an empty or new folder, or pass "
+            "--overwrite to write beside them"
+        )
+        raise InputError(msg)
+    stale = [
+        FileSystems.join(output_dir, name)
+        for name in entries
+        if name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
+    ]
+    if stale:
+        _LOGGER.warning("Removing %d leftover(s) of earlier runs", len(stale))
+        FileSystems.delete(stale)
+    try:
+        FileSystems.mkdirs(output_dir)
+    except OSError as exc:
+        if not FileSystems.exists(output_dir):
+            msg = f"output_dir={output_dir!r} cannot be created: {exc}"
+            raise InputError(msg) from exc
+    probe = FileSystems.join(output_dir, _STAGING_PREFIX + "probe")
+    try:
+        FileSystems.create(probe).close()
+        FileSystems.delete([probe])
+    except Exception as exc:  # Each filesystem raises its own error types.
+        msg = f"output_dir={output_dir!r} is not writable: {exc}"
+        raise InputError(msg) from exc
+
+
+def write_summary(directory: str, summary: dict) -> None:
+    """Write summary.json into a folder."""
+    with FileSystems.create(FileSystems.join(directory, SUMMARY)) as f:
+        f.write(json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _move(source: str, destination: str) -> None:
+    if FileSystems.get_scheme(source) is None:
+        # A local folder moves in one rename: readers see all or nothing.
+        FileSystems.rename([source], [destination])
+        return
+    files = _children(source)
+    FileSystems.mkdirs(destination)
+    targets = [FileSystems.join(destination, os.path.basename(f)) for f in files]
+    FileSystems.rename(files, targets)
+
+
+def commit(output_dir: str, staging: str, names: list[str]) -> None:
+    """Replace the outputs in ``output_dir`` by those under ``staging``.
+
+    The previous outputs are first moved aside, then the new ones moved in,
+    then the old ones deleted, so that no reader sees a mix of two runs.
+    """
+    previous = staging.replace(_STAGING_PREFIX, _PREVIOUS_PREFIX)
+    old = [name for name in (*DATASETS, SUMMARY) if _exists(output_dir, name)]
+    if old:
+        FileSystems.mkdirs(previous)
+        for name in old:
+            _move(FileSystems.join(output_dir, name), FileSystems.join(previous, name))
+    for name in names:
+        _move(FileSystems.join(staging, name), FileSystems.join(output_dir, name))
+    discard([staging, previous])
+
+
+def _exists(directory: str, name: str) -> bool:
+    return FileSystems.exists(FileSystems.join(directory, name))
+
+
+def discard(paths: list[str]) -> None:
+    """Delete folders that exist, ignoring those that do not."""
+    existing = [path for path in paths if FileSystems.exists(path)]
+    if existing:
+        FileSystems.delete(existing)

@@ -1,0 +1,259 @@
+"""Per-group PCA on Arrow batches: moments, bases and projection.
+
+Beam-free glue between Arrow/NumPy data and the TensorFlow ops in
+``tensor_ops``: it packs a batch's rows into blocks by group, turns merged
+moments into bases and projects rows onto their own group's basis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms import blocks, tensor_ops
+from transforms.blocks import Moments
+
+NP_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def batch_moments(
+    keys: pa.Array,
+    values: np.ndarray,
+    dtype: str,
+    block_rows: int,
+    batch_blocks: int,
+) -> Moments:
+    """Moments of every group of one batch of rows.
+
+    Args:
+        keys: the group key of every row, no nulls, length n_rows.
+        values: float64, shape (n_rows, n_features), all finite.
+        dtype: "float32" or "float64", the dtype of the TensorFlow op.
+        block_rows: most rows in one block.
+        batch_blocks: blocks per ``tf.data`` batch.
+
+    Returns:
+        Moments with one entry per distinct key of the batch.
+    """
+    encoded = keys.dictionary_encode()
+    group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    n_groups = len(encoded.dictionary)
+
+    size = blocks.choose_block_size(len(group), n_groups, block_rows)
+    layout = blocks.layout_blocks(group, n_groups, size)
+    shift = blocks.first_rows(values, layout)
+    padded, mask = blocks.fill_blocks(values, layout, shift, NP_DTYPES[dtype])
+    n_rows, mean, comoment = tensor_ops.block_moments(padded, mask, batch_blocks)
+
+    per_block = Moments(
+        keys=encoded.dictionary.take(pa.array(layout.block_group)),
+        n_rows=n_rows,
+        mean=mean + shift,
+        comoment=comoment,
+    )
+    return blocks.merge_moments([per_block])
+
+
+@dataclasses.dataclass
+class Bases:
+    """The fitted statistics and principal axes of many groups.
+
+    Attributes:
+        keys: Arrow array, shape (n_groups,).
+        n_rows: int64, shape (n_groups,).
+        mean: float64, shape (n_groups, n_features).
+        covariance: float64, shape (n_groups, n_features, n_features),
+            co-moment divided by n_rows - ddof.
+        correlation: float64, same shape as covariance.
+        components: float64, shape (n_groups, n_components, n_features), unit
+            rows in order of decreasing eigenvalue.
+        explained_variance: float64, shape (n_groups, n_components).
+        explained_variance_ratio: float64, shape (n_groups, n_components).
+    """
+
+    keys: pa.Array
+    n_rows: np.ndarray
+    mean: np.ndarray
+    covariance: np.ndarray
+    correlation: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.n_rows)
+
+    def take(self, index: np.ndarray) -> Bases:
+        """The bases of the groups at ``index``, in that order."""
+        return Bases(
+            keys=self.keys.take(pa.array(index, pa.int64())),
+            **{
+                field.name: getattr(self, field.name)[index]
+                for field in dataclasses.fields(self)
+                if field.name != "keys"
+            },
+        )
+
+
+def empty_bases(key_type: pa.DataType, n_features: int, n_components: int) -> Bases:
+    """Bases of no group, with the shapes an empty output needs."""
+    d, k = n_features, n_components
+    return Bases(
+        keys=pa.array([], type=key_type),
+        n_rows=np.zeros(0, np.int64),
+        mean=np.zeros((0, d)),
+        covariance=np.zeros((0, d, d)),
+        correlation=np.zeros((0, d, d)),
+        components=np.zeros((0, k, d)),
+        explained_variance=np.zeros((0, k)),
+        explained_variance_ratio=np.zeros((0, k)),
+    )
+
+
+def concat_bases(parts: list[Bases]) -> Bases:
+    """One ``Bases`` holding the groups of all parts, sorted by key."""
+    joined = Bases(
+        keys=pa.concat_arrays([part.keys for part in parts]),
+        **{
+            field.name: np.concatenate([getattr(part, field.name) for part in parts])
+            for field in dataclasses.fields(Bases)
+            if field.name != "keys"
+        },
+    )
+    return joined.take(sort_index(joined.keys))
+
+
+def sort_index(keys: pa.Array) -> np.ndarray:
+    """Indices that sort keys by value, nulls last, for a repeatable order."""
+    return pc.sort_indices(keys).to_numpy(zero_copy_only=False)
+
+
+def fit_bases(moments: Moments, ddof: int, n_components: int) -> tuple[Bases, Moments]:
+    """Covariance, correlation and the top principal axes of every group.
+
+    Args:
+        moments: merged moments, one entry per group.
+        ddof: the covariance divisor is n_rows - ddof.
+        n_components: axes kept per group, at most n_features.
+
+    Returns:
+        bases: the groups with more than ``ddof`` rows, sorted by key.
+        left_out: moments of the groups with ``ddof`` rows or fewer, which
+            have no covariance.
+    """
+    has_covariance = moments.n_rows > ddof
+    left_out = np.flatnonzero(~has_covariance)
+    kept = np.flatnonzero(has_covariance)
+    kept = kept[sort_index(moments.keys.take(pa.array(kept, pa.int64())))]
+    left = Moments(
+        keys=moments.keys.take(pa.array(left_out, pa.int64())),
+        n_rows=moments.n_rows[left_out],
+        mean=moments.mean[left_out],
+        comoment=moments.comoment[left_out],
+    )
+
+    n_features = moments.mean.shape[1]
+    if len(kept) == 0:
+        return empty_bases(moments.keys.type, n_features, n_components), left
+    covariance, correlation, components, variance, ratio = tensor_ops.decompose(
+        moments.n_rows[kept], moments.comoment[kept], ddof
+    )
+    bases = Bases(
+        keys=moments.keys.take(pa.array(kept, pa.int64())),
+        n_rows=moments.n_rows[kept],
+        mean=moments.mean[kept],
+        covariance=covariance,
+        correlation=correlation,
+        components=components[:, :n_components],
+        explained_variance=variance[:, :n_components],
+        explained_variance_ratio=ratio[:, :n_components],
+    )
+    return bases, left
+
+
+def lookup_groups(bases: Bases, keys: pa.Array) -> np.ndarray:
+    """Index into ``bases`` of every key, -1 where the key has no basis."""
+    index = pc.index_in(keys, value_set=bases.keys)
+    return index.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def project_rows(
+    bases: Bases, group: np.ndarray, values: np.ndarray, dtype: str, block_rows: int
+) -> np.ndarray:
+    """Project every row onto its own group's basis: (x - mean) @ components.T.
+
+    Args:
+        bases: the fitted groups.
+        group: int64, shape (n_rows,), index into ``bases`` of each row's group.
+        values: float64, shape (n_rows, n_features).
+        dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
+        block_rows: most rows in one block.
+
+    Returns:
+        float64, shape (n_rows, n_components), in the order of the rows.
+    """
+    n_components = bases.components.shape[1]
+    if len(group) == 0:
+        return np.zeros((0, n_components))
+
+    size = blocks.choose_block_size(len(group), bases.n_groups, block_rows)
+    layout = blocks.layout_blocks(group, bases.n_groups, size)
+    means = bases.mean[layout.block_group]
+    padded, _ = blocks.fill_blocks(values, layout, means, NP_DTYPES[dtype])
+    axes = bases.components[layout.block_group].astype(NP_DTYPES[dtype])
+    projected = tensor_ops.project_blocks(padded, axes)
+
+    out = np.empty((len(group), n_components))
+    out[layout.order] = projected[layout.block, layout.slot]
+    return out
+
+
+def _nested_list(values: np.ndarray) -> pa.Array:
+    """float64 array of shape (n, ...) as n nested Arrow lists of doubles."""
+    array = pa.array(np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
+    for width in reversed(values.shape[1:]):
+        offsets = np.arange(0, len(array) + 1, width, dtype=np.int32)
+        array = pa.ListArray.from_arrays(pa.array(offsets), array)
+    return array
+
+
+def components_schema(
+    key: str | None, key_type: pa.DataType | None, features: list[str]
+) -> pa.Schema:
+    """Schema of the components dataset; feature names in its metadata."""
+    vector = pa.list_(pa.float64())
+    matrix = pa.list_(vector)
+    fields = [] if key is None else [pa.field(key, key_type)]
+    fields += [
+        pa.field("n_rows", pa.int64()),
+        pa.field("mean", vector),
+        pa.field("covariance", matrix),
+        pa.field("correlation", matrix),
+        pa.field("components", matrix),
+        pa.field("explained_variance", vector),
+        pa.field("explained_variance_ratio", vector),
+    ]
+    return pa.schema(fields, metadata={"features": json.dumps(features)})
+
+
+def bases_to_table(bases: Bases, schema: pa.Schema) -> pa.Table:
+    """The components dataset's rows for ``bases``, one row per group."""
+    columns = {
+        "n_rows": pa.array(bases.n_rows, pa.int64()),
+        "mean": _nested_list(bases.mean),
+        "covariance": _nested_list(bases.covariance),
+        "correlation": _nested_list(bases.correlation),
+        "components": _nested_list(bases.components),
+        "explained_variance": _nested_list(bases.explained_variance),
+        "explained_variance_ratio": _nested_list(bases.explained_variance_ratio),
+    }
+    arrays = [
+        bases.keys if field.name not in columns else columns[field.name]
+        for field in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
