@@ -141,7 +141,10 @@ def check(raw: dict[str, Any]) -> Config:
         and values.get("features")
         and values["key"] in values["features"]
     ):
-        msg = f"key={values['key']!r} is also listed in features; a column is one or the other"
+        msg = (
+            f"key={values['key']!r} is also listed in features; "
+            "a column is the key or a feature, not both"
+        )
         raise ConfigError(msg)
 
     ddof = raw.get("ddof", 1)
@@ -193,7 +196,8 @@ def load(path: str, overrides: dict[str, Any] | None = None) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        msg = f"config file {path!r} must hold a mapping of keys, got {type(raw).__name__}"
+        kind = type(raw).__name__
+        msg = f"config file {path!r} must hold a mapping of keys, got a {kind}"
         raise ConfigError(msg)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return check(raw)

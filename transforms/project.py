@@ -16,7 +16,9 @@ def projected_schema(spec: InputSpec, n_components: int) -> pa.Schema:
     """Passthrough columns, the key column, then pc_1 ... pc_k as float64."""
     fields = [
         pa.field(name, data_type)
-        for name, data_type in zip(spec.passthrough, spec.passthrough_types)
+        for name, data_type in zip(
+            spec.passthrough, spec.passthrough_types, strict=True
+        )
     ]
     if spec.key and spec.key not in spec.passthrough:
         fields.append(pa.field(spec.key, spec.key_type))
