@@ -25,12 +25,10 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import pipeline
 from pipeline import config as config_module
-from pipeline import graph
 from pipeline.config import Config, ConfigError
-from transforms import output
+from transforms import counters, output
 from transforms.errors import StageError
 from transforms.inputs import scan_inputs
-from transforms.stats import NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _counters(result) -> dict[str, int]:
-    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    query = result.metrics().query(MetricsFilter().with_namespace(counters.NAMESPACE))
     counts: dict[str, int] = {}
     for counter in query["counters"]:
         value = (
@@ -91,11 +89,11 @@ def _by_reason(counts: dict[str, int], prefix: str) -> dict[str, int]:
 def make_summary(config: Config, counts: dict[str, int], seconds: float) -> dict:
     """The figures of a finished run, as summary.json holds them."""
     return {
-        "rows_read": counts.get("rows_read", 0),
-        "rows_projected": counts.get("rows_projected", 0),
-        "rows_left_out": _by_reason(counts, "rows_left_out."),
-        "groups_written": counts.get("groups_written", 0),
-        "groups_left_out": _by_reason(counts, "groups_left_out."),
+        "rows_read": counts.get(counters.ROWS_READ, 0),
+        "rows_projected": counts.get(counters.ROWS_PROJECTED, 0),
+        "rows_left_out": _by_reason(counts, counters.ROWS_LEFT_OUT),
+        "groups_written": counts.get(counters.GROUPS_WRITTEN, 0),
+        "groups_left_out": _by_reason(counts, counters.GROUPS_LEFT_OUT),
         "seconds": round(seconds, 3),
         "config": config.to_dict(),
         "versions": {
@@ -140,6 +138,10 @@ def run(config: Config, beam_args: list[str]) -> dict:
     output.check_output_dir(config.output_dir, config.overwrite)
 
     staging = output.staging_dir(config.output_dir, uuid.uuid4().hex[:12])
+    # TensorFlow loads here, after the config and the footers were checked,
+    # so that a bad setting is reported in a second rather than ten.
+    from pipeline import graph
+
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
     try:

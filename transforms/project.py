@@ -7,9 +7,8 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms import pca
+from transforms import counters, pca
 from transforms.inputs import InputSpec, column_array, prepare_batch
-from transforms.stats import NAMESPACE
 
 
 def projected_schema(spec: InputSpec, n_components: int) -> pa.Schema:
@@ -47,7 +46,9 @@ class ProjectFn(beam.DoFn):
         self._missing = missing
         self._dtype = dtype
         self._block_rows = block_rows
-        self._rows_projected = Metrics.counter(NAMESPACE, "rows_projected")
+        self._rows_projected = Metrics.counter(
+            counters.NAMESPACE, counters.ROWS_PROJECTED
+        )
 
     def process(self, element, bases: pca.Bases):
         source, table = element

@@ -21,11 +21,10 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from transforms import blocks, pca
+from transforms import counters as c
 from transforms.inputs import InputSpec, prepare_batch
 
 _LOGGER = logging.getLogger(__name__)
-
-NAMESPACE = "feature_stage"
 
 
 def shard_index(keys: pa.Array, n_shards: int) -> np.ndarray:
@@ -83,8 +82,10 @@ class BlockMomentsFn(beam.DoFn):
         self._block_rows = block_rows
         self._batch_blocks = batch_blocks
         self._n_shards = n_shards
-        self._rows_read = Metrics.counter(NAMESPACE, "rows_read")
-        self._rows_missing = Metrics.counter(NAMESPACE, "rows_left_out.missing_value")
+        self._rows_read = Metrics.counter(c.NAMESPACE, c.ROWS_READ)
+        self._rows_missing = Metrics.counter(
+            c.NAMESPACE, c.ROWS_LEFT_OUT + c.MISSING_VALUE
+        )
 
     def process(self, element):
         source, table = element
@@ -155,9 +156,13 @@ class FitBasesFn(beam.DoFn):
     def __init__(self, ddof: int, n_components: int):
         self._ddof = ddof
         self._n_components = n_components
-        self._groups_written = Metrics.counter(NAMESPACE, "groups_written")
-        self._groups_small = Metrics.counter(NAMESPACE, "groups_left_out.too_few_rows")
-        self._rows_small = Metrics.counter(NAMESPACE, "rows_left_out.too_few_rows")
+        self._groups_written = Metrics.counter(c.NAMESPACE, c.GROUPS_WRITTEN)
+        self._groups_small = Metrics.counter(
+            c.NAMESPACE, c.GROUPS_LEFT_OUT + c.TOO_FEW_ROWS
+        )
+        self._rows_small = Metrics.counter(
+            c.NAMESPACE, c.ROWS_LEFT_OUT + c.TOO_FEW_ROWS
+        )
 
     def process(self, element):
         _, moments = element

@@ -1,0 +1,76 @@
+"""The TensorFlow ops against NumPy float64, computed in each test."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.helpers import assert_close, oracle
+from transforms import pca, tensor_ops
+
+
+def test_block_moments_match_numpy_per_block():
+    rng = np.random.default_rng(0)
+    blocks = rng.normal(size=(5, 16, 3))
+    mask = (rng.random(size=(5, 16)) < 0.7).astype(np.float64)
+    mask[:, 0] = 1
+    blocks *= mask[:, :, None]
+
+    n_rows, mean, comoment = tensor_ops.block_moments(blocks, mask, batch_blocks=2)
+
+    for b in range(5):
+        rows = blocks[b][mask[b] == 1]
+        centred = rows - rows.mean(axis=0)
+        assert n_rows[b] == len(rows)
+        np.testing.assert_allclose(mean[b], rows.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(comoment[b], centred.T @ centred, atol=1e-12)
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_decompose_matches_numpy_for_many_groups(ddof):
+    rng = np.random.default_rng(4)
+    groups = [rng.normal(size=(n, 5)) @ rng.normal(size=(5, 5)) for n in (6, 40, 300)]
+    n_rows = np.array([len(g) for g in groups])
+    comoment = np.stack([(g - g.mean(0)).T @ (g - g.mean(0)) for g in groups])
+
+    outputs = tensor_ops.decompose(n_rows, comoment, ddof)
+
+    names = [
+        "covariance",
+        "correlation",
+        "components",
+        "explained_variance",
+        "explained_variance_ratio",
+    ]
+    for i, values in enumerate(groups):
+        expected = oracle(values, ddof)
+        for name, result in zip(names, outputs, strict=True):
+            # float64 eigen-solvers agree to about 1e-13 relative to the
+            # largest eigenvalue for well-separated eigenvalues.
+            assert_close(result[i], expected[name], rtol=1e-9)
+
+
+def test_sign_rule_makes_the_largest_entry_positive():
+    comoment = np.array([[[2.0, -1.9], [-1.9, 2.0]], [[1.0, 0.0], [0.0, 3.0]]])
+
+    _, _, components, _, _ = tensor_ops.decompose(np.array([10.0, 10.0]), comoment, 1)
+
+    for axes in components:
+        largest = axes[np.arange(2), np.abs(axes).argmax(axis=1)]
+        assert (largest > 0).all()
+
+
+def test_projection_of_blocks_matches_numpy():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(100, 4))
+    group = rng.integers(0, 3, size=100)
+    moments = pca.batch_moments(pa.array(group), values, "float64", 16, 4)
+    bases, _ = pca.fit_bases(moments, ddof=1, n_components=3)
+
+    index = pca.lookup_groups(bases, pa.array(group))
+    scores = pca.project_rows(bases, index, values, "float64", block_rows=8)
+
+    for g in range(3):
+        rows = values[group == g]
+        expected_axes = oracle(rows)["components"][:3]
+        expected = (rows - rows.mean(axis=0)) @ expected_axes.T
+        assert_close(scores[group == g], expected, rtol=1e-9)
