@@ -207,13 +207,29 @@ def stage_error_message(exc: BaseException) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, beam_args = parse_args(argv)
+def _is_not_stage_error(record: logging.LogRecord) -> bool:
+    # Beam logs the traceback of every exception raised in a DoFn; for a bad
+    # input the one line that main() prints says all there is to say.
+    error = record.exc_info[1] if record.exc_info else record.msg
+    return not isinstance(error, StageError)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``; Beam's copies of input errors only at DEBUG."""
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    beam_steps = logging.getLogger("apache_beam.runners.common")
+    beam_steps.removeFilter(_is_not_stage_error)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        beam_steps.addFilter(_is_not_stage_error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, beam_args = parse_args(argv)
+    setup_logging(args.log_level)
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
         for flag in _OVERRIDES

@@ -8,9 +8,14 @@ PCA" layout). Inputs are NumPy arrays, outputs NumPy arrays.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
-import tensorflow as tf
+
+# TensorFlow's C++ start-up notices (CPU features, absl) would stand before
+# the stage's own log lines; warnings and errors still come through.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
 
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
