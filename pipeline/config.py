@@ -33,7 +33,9 @@ class Config:
             that is neither the key nor passthrough.
         passthrough: columns copied unchanged into ``projected/``.
         ddof: the covariance divisor is n_rows - ddof; 0 or 1.
-        n_components: principal axes kept per group.
+        n_components: principal axes kept per group; a fraction in (0, 1)
+            keeps, per group, the fewest axes that explain at least that
+            share of the variance.
         missing: "drop" leaves out a row with a null, NaN or infinite key or
             feature (counted); "error" stops the run at the first.
         dtype: "float64" or "float32", the dtype of the moments op.
@@ -49,7 +51,7 @@ class Config:
     features: tuple[str, ...] | None = None
     passthrough: tuple[str, ...] = ()
     ddof: int = 1
-    n_components: int = 2
+    n_components: int | float = 2
     missing: str = "drop"
     dtype: str = "float64"
     block_rows: int = 1024
@@ -75,6 +77,18 @@ def _positive_int(name: str, value: Any) -> int:
         raise ConfigError(msg)
     if value <= 0:
         msg = f"{name}={value} must be a positive integer"
+        raise ConfigError(msg)
+    return int(value)
+
+
+def _n_components(value: Any) -> int | float:
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        msg = (
+            f"n_components={value!r} must be a positive integer (axes kept) or a "
+            "fraction between 0 and 1 (variance explained)"
+        )
         raise ConfigError(msg)
     return int(value)
 
@@ -152,7 +166,7 @@ def check(raw: dict[str, Any]) -> Config:
         msg = f"ddof={ddof!r} must be 0 (population) or 1 (sample)"
         raise ConfigError(msg)
     values["ddof"] = int(ddof)
-    values["n_components"] = _positive_int("n_components", raw.get("n_components", 2))
+    values["n_components"] = _n_components(raw.get("n_components", 2))
     for name in ("block_rows", "batch_blocks", "n_shards"):
         if name in raw:
             values[name] = _positive_int(name, raw[name])

@@ -1,4 +1,12 @@
-"""The Beam graph of the stage: read, fit per-group bases, project, write."""
+"""The Beam graphs of the stage: fit per-group bases, then project and write.
+
+A run is two pipelines. The fit reads the input, computes every group's
+moments and bases and writes ``components/``. The transform reads the input
+again and projects each row onto its group's basis, which every worker loads
+from ``components/``; its width (the most axes any group keeps) is known by
+then, so ``projected/`` gets its exact schema. Neither pipeline holds the
+rows while the other runs.
+"""
 
 from __future__ import annotations
 
@@ -14,57 +22,63 @@ from transforms.project import ProjectFn, projected_schema
 from transforms.stats import ComputeBases, ConcatBasesFn
 
 
-def read_batches(pipeline: beam.Pipeline, spec: InputSpec, label: str):
+def read_batches(pipeline: beam.Pipeline, spec: InputSpec):
     """The input as (file, Arrow table) pairs, one per Parquet row group."""
     return (
         pipeline
-        | f"{label}Files" >> beam.Create([file.path for file in spec.files])
-        | f"{label}Parquet"
+        | "ListFiles" >> beam.Create([file.path for file in spec.files])
+        | "ReadParquet"
         >> ReadAllFromParquetBatched(columns=spec.columns, with_filename=True)
     )
 
 
-def build(pipeline: beam.Pipeline, config: Config, spec: InputSpec, staging: str):
-    """Add the stage's transforms to ``pipeline``, writing under ``staging``.
-
-    The input is read twice, once for the statistics and once for the
-    projection, so that no stage has to hold the rows while the bases are
-    computed.
-    """
-    n_features = len(spec.features)
-    bases = read_batches(pipeline, spec, "ReadForStats") | "ComputeBases" >> (
-        ComputeBases(
-            spec,
-            ddof=config.ddof,
-            n_components=config.n_components,
-            missing=config.missing,
-            dtype=config.dtype,
-            block_rows=config.block_rows,
-            batch_blocks=config.batch_blocks,
-            n_shards=config.n_shards,
-        )
+def build_fit(pipeline: beam.Pipeline, config: Config, spec: InputSpec, staging: str):
+    """Add the fit to ``pipeline``: input -> ``<staging>/components/``."""
+    bases = read_batches(pipeline, spec) | "ComputeBases" >> ComputeBases(
+        spec,
+        ddof=config.ddof,
+        n_components=config.n_components,
+        missing=config.missing,
+        dtype=config.dtype,
+        block_rows=config.block_rows,
+        batch_blocks=config.batch_blocks,
+        n_shards=config.n_shards,
     )
 
-    # The components go out from the one sorted Bases that the projection
-    # uses anyway, so that every run writes the groups in the same order.
-    all_bases = bases | "AllBases" >> beam.CombineGlobally(
-        ConcatBasesFn(spec.key_type, n_features, config.n_components)
-    )
+    # One sorted table, so that every run writes the groups in one order.
+    width = config.n_components if isinstance(config.n_components, int) else 1
     schema = pca.components_schema(spec.key, spec.key_type, list(spec.features))
     _ = (
-        all_bases
+        bases
+        | "AllBases"
+        >> beam.CombineGlobally(ConcatBasesFn(spec.key_type, len(spec.features), width))
         | "ComponentsTable" >> beam.Map(pca.bases_to_table, schema=schema)
         | "WriteComponents"
         >> WriteDataset(FileSystems.join(staging, "components"), schema)
     )
 
-    out_schema = projected_schema(spec, config.n_components)
+
+def build_transform(
+    pipeline: beam.Pipeline,
+    config: Config,
+    spec: InputSpec,
+    components: str,
+    n_columns: int,
+    staging: str,
+):
+    """Add the projection to ``pipeline``: input -> ``<staging>/projected/``.
+
+    Args:
+        components: the folder of the components dataset to project with.
+        n_columns: the most axes any group keeps: pc_1 ... pc_{n_columns}.
+    """
+    schema = projected_schema(spec, n_columns)
     project = ProjectFn(
-        spec, out_schema, config.missing, config.dtype, config.block_rows
+        spec, components, schema, config.missing, config.dtype, config.block_rows
     )
     _ = (
-        read_batches(pipeline, spec, "ReadForProjection")
-        | "Project" >> beam.ParDo(project, beam.pvalue.AsSingleton(all_bases))
+        read_batches(pipeline, spec)
+        | "Project" >> beam.ParDo(project)
         | "WriteProjected"
-        >> WriteDataset(FileSystems.join(staging, "projected"), out_schema)
+        >> WriteDataset(FileSystems.join(staging, "projected"), schema)
     )

@@ -19,6 +19,8 @@ import uuid
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -28,15 +30,24 @@ from pipeline import config as config_module
 from pipeline.config import Config, ConfigError
 from transforms import counters, output
 from transforms.errors import StageError
-from transforms.inputs import scan_inputs
+from transforms.inputs import read_dataset, scan_inputs
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """An integer where the text is one (``3``), else a float (``0.95``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
 
 _OVERRIDES = {
     "--input": str,
     "--output-dir": str,
     "--key": str,
-    "--n-components": int,
+    "--n-components": _count_or_fraction,
     "--ddof": int,
     "--dtype": str,
     "--missing": str,
@@ -129,7 +140,7 @@ def run(config: Config, beam_args: list[str]) -> dict:
         list(config.passthrough),
     )
     n_features = len(spec.features)
-    if config.n_components > n_features:
+    if isinstance(config.n_components, int) and config.n_components > n_features:
         msg = (
             f"n_components={config.n_components} must be at most "
             f"n_features={n_features}"
@@ -144,13 +155,26 @@ def run(config: Config, beam_args: list[str]) -> dict:
 
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
+    _LOGGER.info("Running on %s", runner or "DirectRunner")
     try:
-        p = beam.Pipeline(runner=_local_runner(runner), options=options)
-        graph.build(p, config, spec, staging)
-        _LOGGER.info("Running on %s", runner or "DirectRunner")
-        result = p.run()
-        result.wait_until_finish()
-        counts = _counters(result)
+        counts = _run_pipeline(options, runner, graph.build_fit, config, spec, staging)
+        components = FileSystems.join(staging, "components")
+        n_columns = config.n_components
+        if not isinstance(n_columns, int):
+            n_columns = _widest_basis(components)
+        _LOGGER.info("Fit done: %d groups; projecting", counts.get("groups_written", 0))
+        projected = _run_pipeline(
+            options,
+            runner,
+            graph.build_transform,
+            config,
+            spec,
+            components,
+            n_columns,
+            staging,
+        )
+        for name, value in projected.items():
+            counts[name] = counts.get(name, 0) + value
         summary = make_summary(config, counts, time.monotonic() - started)
         output.write_summary(staging, summary)
         output.commit(config.output_dir, staging, [*output.DATASETS, output.SUMMARY])
@@ -160,6 +184,23 @@ def run(config: Config, beam_args: list[str]) -> dict:
 
     _log_summary(summary, config.output_dir)
     return summary
+
+
+def _run_pipeline(options, runner, build, *args) -> dict[str, int]:
+    """Build one pipeline with ``build(pipeline, *args)``, run it, count."""
+    p = beam.Pipeline(runner=_local_runner(runner), options=options)
+    build(p, *args)
+    result = p.run()
+    result.wait_until_finish()
+    return _counters(result)
+
+
+def _widest_basis(components: str) -> int:
+    """The most axes any fitted group keeps (at least 1)."""
+    table = read_dataset(components)
+    lengths = pc.list_value_length(table.column("explained_variance"))
+    widest = pc.max(lengths).as_py() if table.num_rows else None
+    return int(widest or 1)
 
 
 def _local_runner(name: str | None):

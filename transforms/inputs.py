@@ -108,6 +108,19 @@ def read_footer(path: str) -> InputFile:
         raise InputError(msg) from exc
 
 
+def read_dataset(directory: str) -> pa.Table:
+    """All Parquet files directly under a folder, as one table."""
+    pattern = FileSystems.join(directory, "*.parquet")
+    paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    tables = []
+    for path in paths:
+        with FileSystems.open(
+            path, compression_type=CompressionTypes.UNCOMPRESSED
+        ) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
+
+
 def _value_type(data_type: pa.DataType) -> pa.DataType:
     return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
 

@@ -70,9 +70,14 @@ class Bases:
             co-moment divided by n_rows - ddof.
         correlation: float64, same shape as covariance.
         components: float64, shape (n_groups, n_components, n_features), unit
-            rows in order of decreasing eigenvalue.
-        explained_variance: float64, shape (n_groups, n_components).
-        explained_variance_ratio: float64, shape (n_groups, n_components).
+            rows in order of decreasing eigenvalue; rows past a group's
+            ``n_kept`` are 0.
+        explained_variance: float64, shape (n_groups, n_components), 0 past
+            ``n_kept``.
+        explained_variance_ratio: float64, shape (n_groups, n_components), 0
+            past ``n_kept``.
+        n_kept: int64, shape (n_groups,), the axes each group keeps: all
+            n_components, or fewer when n_components was a fraction.
     """
 
     keys: pa.Array
@@ -83,10 +88,16 @@ class Bases:
     components: np.ndarray
     explained_variance: np.ndarray
     explained_variance_ratio: np.ndarray
+    n_kept: np.ndarray
 
     @property
     def n_groups(self) -> int:
         return len(self.n_rows)
+
+    @property
+    def n_components(self) -> int:
+        """The most axes any group keeps: the width of the arrays."""
+        return self.components.shape[1]
 
     def take(self, index: np.ndarray) -> Bases:
         """The bases of the groups at ``index``, in that order."""
@@ -112,11 +123,29 @@ def empty_bases(key_type: pa.DataType, n_features: int, n_components: int) -> Ba
         components=np.zeros((0, k, d)),
         explained_variance=np.zeros((0, k)),
         explained_variance_ratio=np.zeros((0, k)),
+        n_kept=np.zeros(0, np.int64),
+    )
+
+
+def _widen(bases: Bases, n_components: int) -> Bases:
+    """The same bases with arrays padded with 0 to ``n_components`` axes."""
+    extra = n_components - bases.n_components
+    if extra == 0:
+        return bases
+    return dataclasses.replace(
+        bases,
+        components=np.pad(bases.components, ((0, 0), (0, extra), (0, 0))),
+        explained_variance=np.pad(bases.explained_variance, ((0, 0), (0, extra))),
+        explained_variance_ratio=np.pad(
+            bases.explained_variance_ratio, ((0, 0), (0, extra))
+        ),
     )
 
 
 def concat_bases(parts: list[Bases]) -> Bases:
     """One ``Bases`` holding the groups of all parts, sorted by key."""
+    width = max(part.n_components for part in parts)
+    parts = [_widen(part, width) for part in parts]
     joined = Bases(
         keys=pa.concat_arrays([part.keys for part in parts]),
         **{
@@ -133,16 +162,42 @@ def sort_index(keys: pa.Array) -> np.ndarray:
     return pc.sort_indices(keys).to_numpy(zero_copy_only=False)
 
 
-def fit_bases(moments: Moments, ddof: int, n_components: int) -> tuple[Bases, Moments]:
+def kept_axes(ratio: np.ndarray, n_components: int | float) -> np.ndarray:
+    """Axes each group keeps.
+
+    Args:
+        ratio: float64, shape (n_groups, n_features), explained-variance
+            ratios in decreasing order.
+        n_components: an int keeps that many axes in every group; a fraction
+            in (0, 1) keeps, per group, the fewest axes whose ratios sum to at
+            least it (at least one axis; one for a group with no variance).
+
+    Returns:
+        int64, shape (n_groups,).
+    """
+    n_groups, n_features = ratio.shape
+    if isinstance(n_components, int):
+        return np.full(n_groups, n_components, dtype=np.int64)
+    cumulative = np.cumsum(ratio, axis=1)
+    reached = cumulative >= n_components
+    kept = np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, n_features)
+    return np.where(cumulative[:, -1] > 0, kept, 1).astype(np.int64)
+
+
+def fit_bases(
+    moments: Moments, ddof: int, n_components: int | float
+) -> tuple[Bases, Moments]:
     """Covariance, correlation and the top principal axes of every group.
 
     Args:
         moments: merged moments, one entry per group.
         ddof: the covariance divisor is n_rows - ddof.
-        n_components: axes kept per group, at most n_features.
+        n_components: axes kept per group, at most n_features; or a fraction
+            in (0, 1) of the variance to explain (see ``kept_axes``).
 
     Returns:
-        bases: the groups with more than ``ddof`` rows, sorted by key.
+        bases: the groups with more than ``ddof`` rows, sorted by key, as
+            wide as the most axes any of them keeps.
         left_out: moments of the groups with ``ddof`` rows or fewer, which
             have no covariance.
     """
@@ -159,19 +214,24 @@ def fit_bases(moments: Moments, ddof: int, n_components: int) -> tuple[Bases, Mo
 
     n_features = moments.mean.shape[1]
     if len(kept) == 0:
-        return empty_bases(moments.keys.type, n_features, n_components), left
+        width = n_components if isinstance(n_components, int) else 1
+        return empty_bases(moments.keys.type, n_features, width), left
     covariance, correlation, components, variance, ratio = tensor_ops.decompose(
         moments.n_rows[kept], moments.comoment[kept], ddof
     )
+    n_kept = kept_axes(ratio, n_components)
+    width = int(n_kept.max())
+    beyond = np.arange(width)[None, :] >= n_kept[:, None]
     bases = Bases(
         keys=moments.keys.take(pa.array(kept, pa.int64())),
         n_rows=moments.n_rows[kept],
         mean=moments.mean[kept],
         covariance=covariance,
         correlation=correlation,
-        components=components[:, :n_components],
-        explained_variance=variance[:, :n_components],
-        explained_variance_ratio=ratio[:, :n_components],
+        components=np.where(beyond[:, :, None], 0.0, components[:, :width]),
+        explained_variance=np.where(beyond, 0.0, variance[:, :width]),
+        explained_variance_ratio=np.where(beyond, 0.0, ratio[:, :width]),
+        n_kept=n_kept,
     )
     return bases, left
 
@@ -195,9 +255,10 @@ def project_rows(
         block_rows: most rows in one block.
 
     Returns:
-        float64, shape (n_rows, n_components), in the order of the rows.
+        float64, shape (n_rows, n_components), in the order of the rows; 0
+        past a group's ``n_kept``.
     """
-    n_components = bases.components.shape[1]
+    n_components = bases.n_components
     if len(group) == 0:
         return np.zeros((0, n_components))
 
@@ -213,9 +274,20 @@ def project_rows(
     return out
 
 
-def _nested_list(values: np.ndarray) -> pa.Array:
-    """float64 array of shape (n, ...) as n nested Arrow lists of doubles."""
-    array = pa.array(np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
+def _nested_list(values: np.ndarray, lengths: np.ndarray | None = None) -> pa.Array:
+    """float64 array of shape (n, ...) as n nested Arrow lists of doubles.
+
+    ``lengths`` (shape (n,)) cuts each outermost list short: group i keeps
+    only its first ``lengths[i]`` entries.
+    """
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    if lengths is not None:
+        keep = np.arange(values.shape[1])[None, :] < lengths[:, None]
+        inner = values[keep]
+        array = _nested_list(inner) if values.ndim > 2 else pa.array(inner)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), array)
+    array = pa.array(values.reshape(-1))
     for width in reversed(values.shape[1:]):
         offsets = np.arange(0, len(array) + 1, width, dtype=np.int32)
         array = pa.ListArray.from_arrays(pa.array(offsets), array)
@@ -248,12 +320,57 @@ def bases_to_table(bases: Bases, schema: pa.Schema) -> pa.Table:
         "mean": _nested_list(bases.mean),
         "covariance": _nested_list(bases.covariance),
         "correlation": _nested_list(bases.correlation),
-        "components": _nested_list(bases.components),
-        "explained_variance": _nested_list(bases.explained_variance),
-        "explained_variance_ratio": _nested_list(bases.explained_variance_ratio),
+        "components": _nested_list(bases.components, bases.n_kept),
+        "explained_variance": _nested_list(bases.explained_variance, bases.n_kept),
+        "explained_variance_ratio": _nested_list(
+            bases.explained_variance_ratio, bases.n_kept
+        ),
     }
     arrays = [
         bases.keys if field.name not in columns else columns[field.name]
         for field in schema
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
+    array = column.combine_chunks()
+    for _ in range(depth):
+        array = pc.list_flatten(array)
+    return array.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def table_to_bases(table: pa.Table, key: str | None, n_features: int) -> Bases:
+    """Bases from rows of the components dataset (the inverse of
+    ``bases_to_table``), sorted by key."""
+    n_groups, d = table.num_rows, n_features
+    n_kept = (
+        pc.list_value_length(table.column("explained_variance").combine_chunks())
+        .to_numpy(zero_copy_only=False)
+        .astype(np.int64)
+    )
+    width = int(n_kept.max()) if n_groups else 0
+    beyond = np.arange(width)[None, :] < n_kept[:, None]
+    components = np.zeros((n_groups, width, d))
+    components[beyond] = _flat(table.column("components"), 2).reshape(-1, d)
+    variance = np.zeros((n_groups, width))
+    variance[beyond] = _flat(table.column("explained_variance"), 1)
+    ratio = np.zeros((n_groups, width))
+    ratio[beyond] = _flat(table.column("explained_variance_ratio"), 1)
+    keys = (
+        table.column(key).combine_chunks()
+        if key
+        else pa.array(np.zeros(n_groups, np.int8))
+    )
+    bases = Bases(
+        keys=keys,
+        n_rows=table.column("n_rows").to_numpy().astype(np.int64),
+        mean=_flat(table.column("mean"), 1).reshape(n_groups, d),
+        covariance=_flat(table.column("covariance"), 2).reshape(n_groups, d, d),
+        correlation=_flat(table.column("correlation"), 2).reshape(n_groups, d, d),
+        components=components,
+        explained_variance=variance,
+        explained_variance_ratio=ratio,
+        n_kept=n_kept,
+    )
+    return bases.take(sort_index(bases.keys))

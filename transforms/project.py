@@ -8,7 +8,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from transforms import counters, pca
-from transforms.inputs import InputSpec, column_array, prepare_batch
+from transforms.inputs import InputSpec, column_array, prepare_batch, read_dataset
 
 
 def projected_schema(spec: InputSpec, n_components: int) -> pa.Schema:
@@ -26,22 +26,25 @@ def projected_schema(spec: InputSpec, n_components: int) -> pa.Schema:
 
 
 class ProjectFn(beam.DoFn):
-    """(file, Arrow batch), side input Bases -> Arrow table of projected rows.
+    """(file, Arrow batch) -> Arrow table of the batch's projected rows.
 
-    Rows left out of the statistics (a missing value, a group without a
-    covariance) are left out here too; they were counted where the
+    Each worker loads the bases from the components dataset once, in
+    ``setup``. Rows left out of the statistics (a missing value, a group
+    without a covariance) are left out here too; they were counted where the
     statistics were computed.
     """
 
     def __init__(
         self,
         spec: InputSpec,
+        components: str,
         schema: pa.Schema,
         missing: str,
         dtype: str,
         block_rows: int,
     ):
         self._spec = spec
+        self._components = components
         self._schema = schema
         self._missing = missing
         self._dtype = dtype
@@ -50,8 +53,15 @@ class ProjectFn(beam.DoFn):
             counters.NAMESPACE, counters.ROWS_PROJECTED
         )
 
-    def process(self, element, bases: pca.Bases):
+    def setup(self):
+        table = read_dataset(self._components)
+        self._bases = pca.table_to_bases(
+            table, self._spec.key, len(self._spec.features)
+        )
+
+    def process(self, element):
         source, table = element
+        bases = self._bases
         batch = prepare_batch(table, self._spec, self._missing, source)
         group = pca.lookup_groups(bases, batch.keys)
         has_basis = group >= 0
@@ -73,8 +83,10 @@ class ProjectFn(beam.DoFn):
             columns[name] = column_array(table, name).take(take)
         if self._spec.key:
             columns[self._spec.key] = batch.keys.filter(pa.array(has_basis))
+        # A group that keeps fewer axes than the widest has nulls past them.
+        n_kept = bases.n_kept[group[has_basis]]
         for i in range(scores.shape[1]):
-            columns[f"pc_{i + 1}"] = pa.array(scores[:, i])
+            columns[f"pc_{i + 1}"] = pa.array(scores[:, i], mask=n_kept <= i)
         yield pa.Table.from_arrays(
             [columns[field.name] for field in self._schema], schema=self._schema
         )
