@@ -26,18 +26,26 @@ import pyarrow as pa
 class Moments:
     """Moments of many groups, one entry per distinct key.
 
+    The mean is held as ``shift + mean``: ``shift`` is a row of the group
+    (a reference point, exact in float64) and ``mean`` the offset of the mean
+    from it. Far from the origin (a mean of 1e12, a spread of 1) an absolute
+    mean would round to a few ulps of the offset, and the merge would turn
+    that rounding into co-moment error; the offsets keep full precision.
+
     Attributes:
         keys: the groups' keys, an Arrow array of length n_groups with no
             repeats (a merge of several ``Moments`` may hold repeats until
             ``merge_moments`` folds them).
         n_rows: int64, shape (n_groups,), rows in each group.
-        mean: float64, shape (n_groups, n_features).
+        shift: float64, shape (n_groups, n_features), a reference point.
+        mean: float64, shape (n_groups, n_features), mean less ``shift``.
         comoment: float64, shape (n_groups, n_features, n_features), the sum
             of outer products of the centred rows.
     """
 
     keys: pa.Array
     n_rows: np.ndarray
+    shift: np.ndarray
     mean: np.ndarray
     comoment: np.ndarray
 
@@ -45,12 +53,29 @@ class Moments:
     def n_groups(self) -> int:
         return len(self.n_rows)
 
+    @property
+    def full_mean(self) -> np.ndarray:
+        """float64, shape (n_groups, n_features): the mean itself."""
+        return self.shift + self.mean
+
+    def take(self, index: np.ndarray) -> Moments:
+        """The moments of the groups at ``index``, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return Moments(
+            keys=self.keys.take(pa.array(index, pa.int64())),
+            n_rows=self.n_rows[index],
+            shift=self.shift[index],
+            mean=self.mean[index],
+            comoment=self.comoment[index],
+        )
+
 
 def empty_moments(key_type: pa.DataType, n_features: int) -> Moments:
     """Moments of no group at all, for a given key type and width."""
     return Moments(
         keys=pa.array([], type=key_type),
         n_rows=np.zeros(0, dtype=np.int64),
+        shift=np.zeros((0, n_features)),
         mean=np.zeros((0, n_features)),
         comoment=np.zeros((0, n_features, n_features)),
     )
@@ -77,6 +102,7 @@ def merge_moments(parts: list[Moments]) -> Moments:
     """
     keys = pa.concat_arrays([part.keys for part in parts])
     n_rows = np.concatenate([part.n_rows for part in parts])
+    shift = np.concatenate([part.shift for part in parts])
     mean = np.concatenate([part.mean for part in parts])
     comoment = np.concatenate([part.comoment for part in parts])
 
@@ -84,36 +110,44 @@ def merge_moments(parts: list[Moments]) -> Moments:
     if (n_rows == 0).any():
         keep = n_rows > 0
         keys = keys.filter(pa.array(keep))
-        n_rows, mean, comoment = n_rows[keep], mean[keep], comoment[keep]
+        n_rows, shift, mean, comoment = (
+            n_rows[keep],
+            shift[keep],
+            mean[keep],
+            comoment[keep],
+        )
 
     encoded = keys.dictionary_encode()
     group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     if len(group) == len(encoded.dictionary):
-        return Moments(encoded.dictionary, n_rows, mean, comoment)
+        return Moments(encoded.dictionary, n_rows, shift, mean, comoment)
 
     order = np.argsort(group, kind="stable")
-    group, n_rows, mean, comoment = (
+    group, n_rows, shift, mean, comoment = (
         group[order],
         n_rows[order],
+        shift[order],
         mean[order],
         comoment[order],
     )
     starts = segment_starts(group)
+    sizes = np.diff(np.append(starts, len(group)))
 
+    # Every part's mean as an offset from the first part's reference point:
+    # references of one group are near each other, so the difference is exact.
+    reference = shift[starts]
+    offset = (shift - np.repeat(reference, sizes, axis=0)) + mean
     total = np.add.reduceat(n_rows, starts)
-    # Weighted offsets from the first part's mean keep the sum small.
-    reference = mean[starts]
-    offset = mean - np.repeat(reference, np.diff(np.append(starts, len(group))), 0)
-    weighted = offset * n_rows[:, None]
-    merged_mean = reference + np.add.reduceat(weighted, starts) / total[:, None]
+    merged_mean = np.add.reduceat(offset * n_rows[:, None], starts) / total[:, None]
 
-    spread = mean - np.repeat(merged_mean, np.diff(np.append(starts, len(group))), 0)
+    spread = offset - np.repeat(merged_mean, sizes, axis=0)
     between = np.einsum("p,pi,pj->pij", n_rows.astype(np.float64), spread, spread)
     merged_comoment = np.add.reduceat(comoment + between, starts)
 
     return Moments(
         keys=encoded.dictionary.take(pa.array(group[starts])),
         n_rows=total,
+        shift=reference,
         mean=merged_mean,
         comoment=merged_comoment,
     )

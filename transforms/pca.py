@@ -52,7 +52,8 @@ def batch_moments(
     per_block = Moments(
         keys=encoded.dictionary.take(pa.array(layout.block_group)),
         n_rows=n_rows,
-        mean=mean + shift,
+        shift=shift,
+        mean=mean,
         comoment=comoment,
     )
     return blocks.merge_moments([per_block])
@@ -205,12 +206,7 @@ def fit_bases(
     left_out = np.flatnonzero(~has_covariance)
     kept = np.flatnonzero(has_covariance)
     kept = kept[sort_index(moments.keys.take(pa.array(kept, pa.int64())))]
-    left = Moments(
-        keys=moments.keys.take(pa.array(left_out, pa.int64())),
-        n_rows=moments.n_rows[left_out],
-        mean=moments.mean[left_out],
-        comoment=moments.comoment[left_out],
-    )
+    left = moments.take(left_out)
 
     n_features = moments.mean.shape[1]
     if len(kept) == 0:
@@ -225,7 +221,7 @@ def fit_bases(
     bases = Bases(
         keys=moments.keys.take(pa.array(kept, pa.int64())),
         n_rows=moments.n_rows[kept],
-        mean=moments.mean[kept],
+        mean=moments.full_mean[kept],
         covariance=covariance,
         correlation=correlation,
         components=np.where(beyond[:, :, None], 0.0, components[:, :width]),

@@ -101,16 +101,7 @@ class BlockMomentsFn(beam.DoFn):
         )
         shard = shard_index(moments.keys, self._n_shards)
         for index in np.unique(shard):
-            rows = np.flatnonzero(shard == index)
-            yield (
-                int(index),
-                blocks.Moments(
-                    keys=moments.keys.take(pa.array(rows)),
-                    n_rows=moments.n_rows[rows],
-                    mean=moments.mean[rows],
-                    comoment=moments.comoment[rows],
-                ),
-            )
+            yield int(index), moments.take(np.flatnonzero(shard == index))
 
 
 class MomentsCombineFn(beam.CombineFn):

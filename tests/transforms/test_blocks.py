@@ -16,7 +16,8 @@ def moments_of(keys: list, values: np.ndarray) -> Moments:
     return Moments(
         keys=pa.array(keys),
         n_rows=np.ones(n_rows, np.int64),
-        mean=values.copy(),
+        shift=values.copy(),
+        mean=np.zeros_like(values),
         comoment=np.zeros((n_rows, n_features, n_features)),
     )
 
@@ -33,7 +34,7 @@ def test_merge_of_single_rows_gives_numpy_mean_and_comoment():
         centred = rows - rows.mean(axis=0)
         assert merged.n_rows[i] == len(rows)
         # float64 sums of a few hundred terms: round-off about 1e-14.
-        np.testing.assert_allclose(merged.mean[i], rows.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(merged.full_mean[i], rows.mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(
             merged.comoment[i], centred.T @ centred, rtol=1e-12, atol=1e-12
         )
@@ -54,7 +55,9 @@ def test_split_then_merge_equals_one_pass():
     order_a = np.argsort(one_pass.keys.to_pylist())
     order_b = np.argsort(merged.keys.to_pylist())
     np.testing.assert_array_equal(one_pass.n_rows[order_a], merged.n_rows[order_b])
-    np.testing.assert_allclose(one_pass.mean[order_a], merged.mean[order_b], rtol=1e-13)
+    np.testing.assert_allclose(
+        one_pass.full_mean[order_a], merged.full_mean[order_b], rtol=1e-13
+    )
     np.testing.assert_allclose(
         one_pass.comoment[order_a], merged.comoment[order_b], rtol=1e-12, atol=1e-12
     )
@@ -84,13 +87,14 @@ def test_parts_without_rows_are_ignored():
         pa.array(["a"]),
         np.zeros(1, np.int64),
         np.full((1, 2), 7.0),
+        np.full((1, 2), 7.0),
         np.full((1, 2, 2), 7.0),
     )
 
     merged = blocks.merge_moments([empty, part, zero])
 
     assert merged.keys.to_pylist() == ["a", "b"]
-    np.testing.assert_array_equal(merged.mean, [[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(merged.full_mean, [[1.0, 2.0], [3.0, 4.0]])
 
 
 def test_int64_keys_above_2_to_53_stay_distinct():

@@ -23,7 +23,7 @@ def batch(keys: list, values: np.ndarray):
 
 def by_key(moments) -> dict:
     return {
-        key: (moments.n_rows[i], moments.mean[i], moments.comoment[i])
+        key: (moments.n_rows[i], moments.full_mean[i], moments.comoment[i])
         for i, key in enumerate(moments.keys.to_pylist())
     }
 
