@@ -120,10 +120,12 @@ def write_summary(directory: str, summary: dict) -> None:
 
 
 def _move(source: str, destination: str) -> None:
-    if FileSystems.get_scheme(source) is None:
+    """Move a file, or a folder of files, to another name."""
+    if FileSystems.get_scheme(source) is None or source.endswith(".json"):
         # A local folder moves in one rename: readers see all or nothing.
         FileSystems.rename([source], [destination])
         return
+    # Object stores have no folders: move the files one by one.
     files = _children(source)
     FileSystems.mkdirs(destination)
     targets = [FileSystems.join(destination, os.path.basename(f)) for f in files]
