@@ -146,7 +146,7 @@ def run(config: Config, beam_args: list[str]) -> dict:
             f"n_features={n_features}"
         )
         raise ConfigError(msg)
-    output.check_output_dir(config.output_dir, config.overwrite)
+    created = output.check_output_dir(config.output_dir, config.overwrite)
 
     staging = output.staging_dir(config.output_dir, uuid.uuid4().hex[:12])
     # TensorFlow loads here, after the config and the footers were checked,
@@ -180,6 +180,8 @@ def run(config: Config, beam_args: list[str]) -> dict:
         output.commit(config.output_dir, staging, [*output.DATASETS, output.SUMMARY])
     except BaseException:
         output.discard([staging])
+        if created and not output.children(config.output_dir):
+            output.discard([config.output_dir])
         raise
 
     _log_summary(summary, config.output_dir)
@@ -264,8 +266,23 @@ def setup_logging(level: str) -> None:
     )
     beam_steps = logging.getLogger("apache_beam.runners.common")
     beam_steps.removeFilter(_is_not_stage_error)
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    if not verbose:
         beam_steps.addFilter(_is_not_stage_error)
+    # Beam's own info lines (type hints, shards) are for Beam's developers.
+    logging.getLogger("apache_beam").setLevel(
+        logging.NOTSET if verbose else logging.WARNING
+    )
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for an unexpected failure: its type, text and Beam step."""
+    text = str(exc).split("\nTraceback")[0]
+    step = re.search(r"\[while running '([^']+)'\]", text)
+    text = re.sub(r"\s*\[while running '[^']+'\]", "", text)
+    text = " ".join(text.split())
+    where = f" (in step {step.group(1)!r})" if step else ""
+    return f"{type(exc).__name__}: {text}{where}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr)
             return 2
         _LOGGER.debug("Run failed", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: the run failed: {type(exc).__name__}: {first}", file=sys.stderr)
+        print(f"error: the run failed: {failure_message(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -52,7 +52,7 @@ def staging_dir(output_dir: str, run_id: str) -> str:
     return FileSystems.join(output_dir, _STAGING_PREFIX + run_id)
 
 
-def _children(directory: str) -> list[str]:
+def children(directory: str) -> list[str]:
     """Paths directly under a directory (local or remote)."""
     if not FileSystems.exists(directory):
         return []
@@ -72,16 +72,19 @@ def _is_own(name: str) -> bool:
     )
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
+def check_output_dir(output_dir: str, overwrite: bool) -> bool:
     """Refuse an output folder that holds files this stage did not write.
 
     Leftovers of killed runs (staging folders) are removed.
+
+    Returns:
+        Whether the folder was created here (a failed run removes it again).
 
     Raises:
         InputError: a foreign file is there and ``overwrite`` is False, or the
             folder cannot be written.
     """
-    entries = [os.path.basename(path.rstrip("/")) for path in _children(output_dir)]
+    entries = [os.path.basename(path.rstrip("/")) for path in children(output_dir)]
     foreign = [name for name in entries if not _is_own(name)]
     if foreign and not overwrite:
         msg = (
@@ -98,6 +101,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     if stale:
         _LOGGER.warning("Removing %d leftover(s) of earlier runs", len(stale))
         FileSystems.delete(stale)
+    created = not FileSystems.exists(output_dir)
     try:
         FileSystems.mkdirs(output_dir)
     except OSError as exc:
@@ -111,6 +115,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     except Exception as exc:  # Each filesystem raises its own error types.
         msg = f"output_dir={output_dir!r} is not writable: {exc}"
         raise InputError(msg) from exc
+    return created
 
 
 def write_summary(directory: str, summary: dict) -> None:
@@ -126,7 +131,7 @@ def _move(source: str, destination: str) -> None:
         FileSystems.rename([source], [destination])
         return
     # Object stores have no folders: move the files one by one.
-    files = _children(source)
+    files = children(source)
     FileSystems.mkdirs(destination)
     targets = [FileSystems.join(destination, os.path.basename(f)) for f in files]
     FileSystems.rename(files, targets)

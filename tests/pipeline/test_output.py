@@ -170,3 +170,24 @@ def test_run_killed_midway_leaves_the_previous_output(tmp_path):
     # The next run cleans the leftovers up and replaces the output whole.
     run_stage(tmp_path / "again", output_dir=str(out), **IRIS_CONFIG)
     assert sorted(os.listdir(out)) == ["components", "projected", "summary.json"]
+
+
+def test_failure_during_the_run_exits_1_and_writes_nothing(tmp_path, capsys, iris):
+    path = tmp_path / "broken.parquet"
+    pq.write_table(iris, path, compression="none")
+    data = bytearray(path.read_bytes())
+    # Overwrite the data pages but keep the footer: the file scans fine and
+    # fails only when its rows are read.
+    footer_start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    data[4 : footer_start - 1] = bytes(footer_start - 5)
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    config = write_config(tmp_path, input=str(path), output_dir=str(out),
+                          key="species", features=IRIS_FEATURES)
+
+    code = main(["--config", str(config), "--log-level", "CRITICAL"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert len(err) == 1 and err[0].startswith("error: the run failed: ")
+    assert not out.exists()
