@@ -43,6 +43,16 @@ class Config:
         batch_blocks: blocks per ``tf.data`` batch.
         n_shards: shards of the key space the moments are merged in.
         overwrite: write into an output_dir that holds foreign files.
+        mode: "fit_transform" fits bases and projects the input; "fit" only
+            writes ``components/``; "transform" projects with the bases of
+            an earlier run named by ``components``.
+        components: an earlier run's output_dir (or its ``components/``
+            folder), for ``mode: transform``.
+        whiten: divide each score by the square root of its eigenvalue.
+        reconstruction_error: add the squared distance between a row and its
+            reconstruction from the kept axes.
+        reconstruct: add the reconstructed features, ``<feature>_reconstructed``.
+        export: also write a TensorFlow SavedModel of the bases.
     """
 
     input: str
@@ -58,6 +68,12 @@ class Config:
     batch_blocks: int = 256
     n_shards: int = 8
     overwrite: bool = False
+    mode: str = "fit_transform"
+    components: str | None = None
+    whiten: bool = False
+    reconstruction_error: bool = False
+    reconstruct: bool = False
+    export: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -68,6 +84,7 @@ class Config:
 
 
 FIELDS = [field.name for field in dataclasses.fields(Config)]
+_SWITCHES = ("overwrite", "whiten", "reconstruction_error", "reconstruct", "export")
 _REQUIRED = ("input", "output_dir")
 
 
@@ -176,9 +193,28 @@ def check(raw: dict[str, Any]) -> Config:
     values["dtype"] = _choice(
         "dtype", raw.get("dtype", "float64"), ("float64", "float32")
     )
-    overwrite = raw.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"overwrite={overwrite!r} must be true or false")
+    for name in _SWITCHES:
+        switch = raw.get(name, False)
+        if not isinstance(switch, bool):
+            raise ConfigError(f"{name}={switch!r} must be true or false")
+
+    values["mode"] = _choice(
+        "mode", raw.get("mode", "fit_transform"), ("fit_transform", "fit", "transform")
+    )
+    if values["mode"] == "transform":
+        if raw.get("components") is None:
+            msg = (
+                "mode='transform' needs components: the output_dir of an "
+                "earlier run whose bases to project with"
+            )
+            raise ConfigError(msg)
+        values["components"] = _text("components", raw["components"])
+    elif raw.get("components") is not None:
+        msg = (
+            f"components={raw['components']!r} is used only with mode: transform; "
+            f"mode is {values['mode']!r}"
+        )
+        raise ConfigError(msg)
     return Config(**values)
 
 

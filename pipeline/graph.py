@@ -1,11 +1,11 @@
 """The Beam graphs of the stage: fit per-group bases, then project and write.
 
-A run is two pipelines. The fit reads the input, computes every group's
+A run is up to two pipelines. The fit reads the input, computes every group's
 moments and bases and writes ``components/``. The transform reads the input
 again and projects each row onto its group's basis, which every worker loads
-from ``components/``; its width (the most axes any group keeps) is known by
-then, so ``projected/`` gets its exact schema. Neither pipeline holds the
-rows while the other runs.
+from a ``components/`` dataset (this run's, or an earlier run's); its width
+(the most axes any group keeps) is known by then, so ``projected/`` gets its
+exact schema. Neither pipeline holds the rows while the other runs.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadAllFromParquetBatched
 
+import pipeline
 from pipeline.config import Config
 from transforms import pca
 from transforms.inputs import InputSpec
 from transforms.output import WriteDataset
-from transforms.project import ProjectFn, projected_schema
+from transforms.project import Outputs, ProjectFn, projected_schema
 from transforms.stats import ComputeBases, ConcatBasesFn
 
 
@@ -30,6 +31,19 @@ def read_batches(pipeline: beam.Pipeline, spec: InputSpec):
         | "ReadParquet"
         >> ReadAllFromParquetBatched(columns=spec.columns, with_filename=True)
     )
+
+
+def fit_settings(config: Config, spec: InputSpec) -> dict:
+    """What a components dataset records of the fit that made it."""
+    return {
+        "key": spec.key,
+        "key_type": str(spec.key_type) if spec.key else None,
+        "features": list(spec.features),
+        "ddof": config.ddof,
+        "dtype": config.dtype,
+        "n_components": config.n_components,
+        "stage_version": pipeline.__version__,
+    }
 
 
 def build_fit(pipeline: beam.Pipeline, config: Config, spec: InputSpec, staging: str):
@@ -47,7 +61,9 @@ def build_fit(pipeline: beam.Pipeline, config: Config, spec: InputSpec, staging:
 
     # One sorted table, so that every run writes the groups in one order.
     width = config.n_components if isinstance(config.n_components, int) else 1
-    schema = pca.components_schema(spec.key, spec.key_type, list(spec.features))
+    schema = pca.components_schema(
+        spec.key, spec.key_type, list(spec.features), fit_settings(config, spec)
+    )
     _ = (
         bases
         | "AllBases"
@@ -72,9 +88,17 @@ def build_transform(
         components: the folder of the components dataset to project with.
         n_columns: the most axes any group keeps: pc_1 ... pc_{n_columns}.
     """
-    schema = projected_schema(spec, n_columns)
+    outputs = Outputs(config.whiten, config.reconstruction_error, config.reconstruct)
+    schema = projected_schema(spec, n_columns, outputs)
     project = ProjectFn(
-        spec, components, schema, config.missing, config.dtype, config.block_rows
+        spec,
+        components,
+        schema,
+        config.missing,
+        config.dtype,
+        config.block_rows,
+        outputs,
+        count_input=config.mode == "transform",
     )
     _ = (
         read_batches(pipeline, spec)

@@ -10,7 +10,10 @@ failure during the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import os
 import platform
 import re
 import sys
@@ -30,7 +33,7 @@ from pipeline import config as config_module
 from pipeline.config import Config, ConfigError
 from transforms import counters, output
 from transforms.errors import StageError
-from transforms.inputs import read_dataset, scan_inputs
+from transforms.inputs import list_files, read_dataset, read_footer, scan_inputs
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ def make_summary(config: Config, counts: dict[str, int], seconds: float) -> dict
     """The figures of a finished run, as summary.json holds them."""
     return {
         "rows_read": counts.get(counters.ROWS_READ, 0),
+        "rows_fitted": counts.get(counters.ROWS_FITTED, 0),
         "rows_projected": counts.get(counters.ROWS_PROJECTED, 0),
         "rows_left_out": _by_reason(counts, counters.ROWS_LEFT_OUT),
         "groups_written": counts.get(counters.GROUPS_WRITTEN, 0),
@@ -133,6 +137,7 @@ def run(config: Config, beam_args: list[str]) -> dict:
         StageError: the config does not fit the input, or the input is bad.
     """
     started = time.monotonic()
+    config = absolute_paths(config)
     spec = scan_inputs(
         config.input,
         config.key,
@@ -140,12 +145,18 @@ def run(config: Config, beam_args: list[str]) -> dict:
         list(config.passthrough),
     )
     n_features = len(spec.features)
-    if isinstance(config.n_components, int) and config.n_components > n_features:
+    fits = config.mode in ("fit_transform", "fit")
+    if (
+        fits
+        and isinstance(config.n_components, int)
+        and config.n_components > n_features
+    ):
         msg = (
             f"n_components={config.n_components} must be at most "
             f"n_features={n_features}"
         )
         raise ConfigError(msg)
+    fitted = None if fits else fitted_components(config, spec)
     created = output.check_output_dir(config.output_dir, config.overwrite)
 
     staging = output.staging_dir(config.output_dir, uuid.uuid4().hex[:12])
@@ -155,29 +166,37 @@ def run(config: Config, beam_args: list[str]) -> dict:
 
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
-    _LOGGER.info("Running on %s", runner or "DirectRunner")
+    _LOGGER.info("Running %s on %s", config.mode, runner or "DirectRunner")
+    counts: dict[str, int] = {}
+    names = [output.SUMMARY]
     try:
-        counts = _run_pipeline(options, runner, graph.build_fit, config, spec, staging)
-        components = FileSystems.join(staging, "components")
-        n_columns = config.n_components
-        if not isinstance(n_columns, int):
-            n_columns = _widest_basis(components)
-        _LOGGER.info("Fit done: %d groups; projecting", counts.get("groups_written", 0))
-        projected = _run_pipeline(
-            options,
-            runner,
-            graph.build_transform,
-            config,
-            spec,
-            components,
-            n_columns,
-            staging,
-        )
-        for name, value in projected.items():
-            counts[name] = counts.get(name, 0) + value
+        if fits:
+            counts = _run_pipeline(
+                options, runner, graph.build_fit, config, spec, staging
+            )
+            fitted = FileSystems.join(staging, "components")
+            names.append("components")
+            _LOGGER.info("Fit done: %d groups", counts.get(counters.GROUPS_WRITTEN, 0))
+        if config.mode != "fit":
+            n_columns = _widest_basis(fitted)
+            if fits and isinstance(config.n_components, int):
+                n_columns = config.n_components
+            projected = _run_pipeline(
+                options,
+                runner,
+                graph.build_transform,
+                config,
+                spec,
+                fitted,
+                n_columns,
+                staging,
+            )
+            for name, value in projected.items():
+                counts[name] = counts.get(name, 0) + value
+            names.append("projected")
         summary = make_summary(config, counts, time.monotonic() - started)
         output.write_summary(staging, summary)
-        output.commit(config.output_dir, staging, [*output.DATASETS, output.SUMMARY])
+        output.commit(config.output_dir, staging, names)
     except BaseException:
         output.discard([staging])
         if created and not output.children(config.output_dir):
@@ -186,6 +205,56 @@ def run(config: Config, beam_args: list[str]) -> dict:
 
     _log_summary(summary, config.output_dir)
     return summary
+
+
+def absolute_paths(config: Config) -> Config:
+    """The config with local paths made absolute.
+
+    Workers of a remote or portable runner do not share the launcher's
+    working folder; an absolute path means the same file to all of them.
+    """
+    changes = {}
+    for name in ("input", "output_dir", "components"):
+        path = getattr(config, name)
+        if path is not None and FileSystems.get_scheme(path) is None:
+            changes[name] = os.path.abspath(path)
+    return dataclasses.replace(config, **changes)
+
+
+def fitted_components(config: Config, spec) -> str:
+    """The components folder that ``mode: transform`` projects with, checked.
+
+    Raises:
+        ConfigError: the folder holds no components dataset, or its fit does
+            not match this config and input (features and their order, key
+            and its type, ddof, dtype).
+    """
+    folder = config.components
+    nested = FileSystems.join(folder, "components")
+    if FileSystems.exists(nested):
+        folder = nested
+    try:
+        first = list_files(FileSystems.join(folder, "*.parquet"))[0]
+    except StageError as exc:
+        msg = f"components={config.components!r} holds no components dataset"
+        raise ConfigError(msg) from exc
+    metadata = read_footer(first).schema.metadata or {}
+    fit = json.loads(metadata.get(b"fit", b"{}"))
+    expected = {
+        "features": list(spec.features),
+        "key": spec.key,
+        "key_type": str(spec.key_type) if spec.key else None,
+        "ddof": config.ddof,
+        "dtype": config.dtype,
+    }
+    for name, value in expected.items():
+        if fit.get(name, "absent") != value:
+            msg = (
+                f"components at {folder} were fit with {name}={fit.get(name)!r} "
+                f"but this run has {name}={value!r}; fit again or make them match"
+            )
+            raise ConfigError(msg)
+    return folder
 
 
 def _run_pipeline(options, runner, build, *args) -> dict[str, int]:

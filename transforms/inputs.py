@@ -122,7 +122,19 @@ def read_dataset(directory: str) -> pa.Table:
 
 
 def _value_type(data_type: pa.DataType) -> pa.DataType:
-    return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
+    """The type a column's values are compared in.
+
+    A dictionary column is compared by value; large and view string and
+    binary types are the same values as their plain forms (pandas writes
+    large strings, for one), so they are read as those.
+    """
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    if pa.types.is_large_string(data_type) or pa.types.is_string_view(data_type):
+        return pa.string()
+    if pa.types.is_large_binary(data_type) or pa.types.is_binary_view(data_type):
+        return pa.binary()
+    return data_type
 
 
 def is_numeric(data_type: pa.DataType) -> bool:
@@ -267,11 +279,12 @@ class Batch:
 
 
 def column_array(table: pa.Table, name: str) -> pa.Array:
-    """One column as a single array, a dictionary column decoded to values."""
+    """One column as a single array of its value type (see ``_value_type``)."""
     array = table.column(name).combine_chunks()
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
-    return array
+    value_type = _value_type(array.type)
+    return array if array.type == value_type else array.cast(value_type)
 
 
 def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -> Batch:

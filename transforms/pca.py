@@ -238,6 +238,38 @@ def lookup_groups(bases: Bases, keys: pa.Array) -> np.ndarray:
     return index.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def _per_group_matmul(
+    bases: Bases,
+    group: np.ndarray,
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    matrices: np.ndarray,
+    transpose_b: bool,
+    dtype: str,
+    block_rows: int,
+) -> np.ndarray:
+    """(rows - offsets[group]) @ matrices[group] for every row, by blocks.
+
+    Rows are packed into padded blocks by group so that one batched matmul
+    multiplies each block by its own group's matrix.
+    """
+    width = matrices.shape[1] if transpose_b else matrices.shape[2]
+    if len(group) == 0:
+        return np.zeros((0, width))
+
+    size = blocks.choose_block_size(len(group), bases.n_groups, block_rows)
+    layout = blocks.layout_blocks(group, bases.n_groups, size)
+    padded, _ = blocks.fill_blocks(
+        rows, layout, offsets[layout.block_group], NP_DTYPES[dtype]
+    )
+    per_block = matrices[layout.block_group].astype(NP_DTYPES[dtype])
+    product = tensor_ops.block_matmul(padded, per_block, transpose_b)
+
+    out = np.empty((len(group), width))
+    out[layout.order] = product[layout.block, layout.slot]
+    return out
+
+
 def project_rows(
     bases: Bases, group: np.ndarray, values: np.ndarray, dtype: str, block_rows: int
 ) -> np.ndarray:
@@ -254,20 +286,46 @@ def project_rows(
         float64, shape (n_rows, n_components), in the order of the rows; 0
         past a group's ``n_kept``.
     """
-    n_components = bases.n_components
-    if len(group) == 0:
-        return np.zeros((0, n_components))
+    return _per_group_matmul(
+        bases, group, values, bases.mean, bases.components, True, dtype, block_rows
+    )
 
-    size = blocks.choose_block_size(len(group), bases.n_groups, block_rows)
-    layout = blocks.layout_blocks(group, bases.n_groups, size)
-    means = bases.mean[layout.block_group]
-    padded, _ = blocks.fill_blocks(values, layout, means, NP_DTYPES[dtype])
-    axes = bases.components[layout.block_group].astype(NP_DTYPES[dtype])
-    projected = tensor_ops.project_blocks(padded, axes)
 
-    out = np.empty((len(group), n_components))
-    out[layout.order] = projected[layout.block, layout.slot]
-    return out
+def reconstruct_rows(
+    bases: Bases, group: np.ndarray, scores: np.ndarray, dtype: str, block_rows: int
+) -> np.ndarray:
+    """Rows rebuilt from their (unwhitened) scores: mean + scores @ components.
+
+    Args:
+        bases: the fitted groups.
+        group: int64, shape (n_rows,), index into ``bases`` of each row's group.
+        scores: float64, shape (n_rows, n_components), from ``project_rows``.
+        dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
+        block_rows: most rows in one block.
+
+    Returns:
+        float64, shape (n_rows, n_features).
+    """
+    zero = np.zeros((bases.n_groups, bases.n_components))
+    product = _per_group_matmul(
+        bases, group, scores, zero, bases.components, False, dtype, block_rows
+    )
+    return product + bases.mean[group]
+
+
+def whitening_scale(bases: Bases) -> np.ndarray:
+    """1 / sqrt(explained_variance), 0 where the eigenvalue is 0.
+
+    Scores times this scale have unit variance per axis, as scikit-learn's
+    ``PCA(whiten=True)`` gives; an axis without variance stays 0, never
+    infinite.
+
+    Returns:
+        float64, shape (n_groups, n_components).
+    """
+    variance = bases.explained_variance
+    positive = variance > 0
+    return np.where(positive, 1.0 / np.sqrt(np.where(positive, variance, 1.0)), 0.0)
 
 
 def _nested_list(values: np.ndarray, lengths: np.ndarray | None = None) -> pa.Array:
@@ -291,9 +349,17 @@ def _nested_list(values: np.ndarray, lengths: np.ndarray | None = None) -> pa.Ar
 
 
 def components_schema(
-    key: str | None, key_type: pa.DataType | None, features: list[str]
+    key: str | None,
+    key_type: pa.DataType | None,
+    features: list[str],
+    fit: dict | None = None,
 ) -> pa.Schema:
-    """Schema of the components dataset; feature names in its metadata."""
+    """Schema of the components dataset.
+
+    Its metadata holds ``features`` (a JSON list, in order) and ``fit`` (a
+    JSON object: key, key_type, ddof, dtype, n_components and the stage
+    version), what a later ``mode: transform`` checks its config against.
+    """
     vector = pa.list_(pa.float64())
     matrix = pa.list_(vector)
     fields = [] if key is None else [pa.field(key, key_type)]
@@ -306,7 +372,8 @@ def components_schema(
         pa.field("explained_variance", vector),
         pa.field("explained_variance_ratio", vector),
     ]
-    return pa.schema(fields, metadata={"features": json.dumps(features)})
+    metadata = {"features": json.dumps(features), "fit": json.dumps(fit or {})}
+    return pa.schema(fields, metadata=metadata)
 
 
 def bases_to_table(bases: Bases, schema: pa.Schema) -> pa.Table:

@@ -148,6 +148,7 @@ class FitBasesFn(beam.DoFn):
         self._ddof = ddof
         self._n_components = n_components
         self._groups_written = Metrics.counter(c.NAMESPACE, c.GROUPS_WRITTEN)
+        self._rows_fitted = Metrics.counter(c.NAMESPACE, c.ROWS_FITTED)
         self._groups_small = Metrics.counter(
             c.NAMESPACE, c.GROUPS_LEFT_OUT + c.TOO_FEW_ROWS
         )
@@ -163,6 +164,7 @@ class FitBasesFn(beam.DoFn):
             self._rows_small.inc(int(left_out.n_rows.sum()))
         if bases.n_groups:
             self._groups_written.inc(bases.n_groups)
+            self._rows_fitted.inc(int(bases.n_rows.sum()))
             yield bases
 
 

@@ -162,30 +162,35 @@ def decompose(
 
 
 @functools.cache
-def _project_fn(dtype: tf.DType):
+def _block_matmul_fn(dtype: tf.DType, transpose_b: bool):
     spec = [
         tf.TensorSpec([None, None, None], dtype),
         tf.TensorSpec([None, None, None], dtype),
     ]
 
     @tf.function(input_signature=spec, reduce_retracing=True)
-    def project(blocks, components):
-        return tf.matmul(blocks, components, transpose_b=True)
+    def block_matmul(blocks, matrices):
+        return tf.matmul(blocks, matrices, transpose_b=transpose_b)
 
-    return project
+    return block_matmul
 
 
-def project_blocks(blocks: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """Project centred blocks onto their own group's components.
+def block_matmul(
+    blocks: np.ndarray, matrices: np.ndarray, transpose_b: bool = False
+) -> np.ndarray:
+    """Multiply every block by its own group's matrix, in one batched matmul.
+
+    Projection is ``block_matmul(centred, components, transpose_b=True)``;
+    reconstruction is ``block_matmul(scores, components)``.
 
     Args:
-        blocks: float32 or float64, shape (n_blocks, block_size, n_features),
-            rows already centred by their group's mean.
-        components: same dtype, shape (n_blocks, n_components, n_features),
-            the basis of each block's group.
+        blocks: float32 or float64, shape (n_blocks, block_size, m).
+        matrices: same dtype, shape (n_blocks, m, p), or (n_blocks, p, m)
+            with ``transpose_b``.
+        transpose_b: multiply by each matrix's transpose.
 
     Returns:
-        float64, shape (n_blocks, block_size, n_components).
+        float64, shape (n_blocks, block_size, p).
     """
-    fn = _project_fn(tf.as_dtype(blocks.dtype))
-    return fn(blocks, components).numpy().astype(np.float64)
+    fn = _block_matmul_fn(tf.as_dtype(blocks.dtype), transpose_b)
+    return fn(blocks, matrices).numpy().astype(np.float64)
