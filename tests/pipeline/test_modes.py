@@ -143,7 +143,7 @@ def test_whiten_matches_scikit_learn_per_group(tmp_path, iris):
 
     projected = read_projected(out).to_pandas()
     frame = iris.to_pandas()
-    for species, rows in frame.groupby("species"):
+    for _, rows in frame.groupby("species"):
         model = PCA(n_components=2, whiten=True, svd_solver="full")
         want = model.fit_transform(rows[IRIS_FEATURES].to_numpy())
         got = projected.set_index("row_id").loc[rows["row_id"], ["pc_1", "pc_2"]]
@@ -180,7 +180,7 @@ def test_reconstruction_and_its_error_match_numpy(tmp_path, iris):
     projected = read_projected(out).to_pandas().set_index("row_id")
     frame = iris.to_pandas()
     rebuilt_columns = [f"{name}_reconstructed" for name in IRIS_FEATURES]
-    for species, rows in frame.groupby("species"):
+    for _, rows in frame.groupby("species"):
         x = rows[IRIS_FEATURES].to_numpy()
         basis = oracle(x)
         axes = basis["components"][:1]

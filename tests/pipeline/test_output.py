@@ -182,8 +182,13 @@ def test_failure_during_the_run_exits_1_and_writes_nothing(tmp_path, capsys, iri
     data[4 : footer_start - 1] = bytes(footer_start - 5)
     path.write_bytes(bytes(data))
     out = tmp_path / "out"
-    config = write_config(tmp_path, input=str(path), output_dir=str(out),
-                          key="species", features=IRIS_FEATURES)
+    config = write_config(
+        tmp_path,
+        input=str(path),
+        output_dir=str(out),
+        key="species",
+        features=IRIS_FEATURES,
+    )
 
     code = main(["--config", str(config), "--log-level", "CRITICAL"])
 
