@@ -339,8 +339,9 @@ def setup_logging(level: str) -> None:
     if not verbose:
         beam_steps.addFilter(_is_not_stage_error)
     # Beam's own info lines (type hints, shards) are for Beam's developers.
+    root_level = logging.getLogger().getEffectiveLevel()
     logging.getLogger("apache_beam").setLevel(
-        logging.NOTSET if verbose else logging.WARNING
+        logging.NOTSET if verbose else max(logging.WARNING, root_level)
     )
 
 
