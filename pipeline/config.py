@@ -65,7 +65,7 @@ class Config:
     missing: str = "drop"
     dtype: str = "float64"
     block_rows: int = 1024
-    batch_blocks: int = 256
+    batch_blocks: int = 4096
     n_shards: int = 8
     overwrite: bool = False
     mode: str = "fit_transform"

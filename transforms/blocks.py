@@ -119,9 +119,34 @@ def merge_moments(parts: list[Moments]) -> Moments:
 
     encoded = keys.dictionary_encode()
     group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    if len(group) == len(encoded.dictionary):
+    n_groups = len(encoded.dictionary)
+    if len(group) == n_groups:
         return Moments(encoded.dictionary, n_rows, shift, mean, comoment)
 
+    # Groups seen once are taken as they are; only the others are folded.
+    parts_per_group = np.bincount(group, minlength=n_groups)
+    single = parts_per_group[group] == 1
+    out_shift = np.empty((n_groups, shift.shape[1]))
+    out_mean = np.empty_like(out_shift)
+    out_comoment = np.empty((n_groups, *comoment.shape[1:]))
+    out_n = np.empty(n_groups, dtype=np.int64)
+    for target, source in ((out_n, n_rows), (out_shift, shift), (out_mean, mean)):
+        target[group[single]] = source[single]
+    out_comoment[group[single]] = comoment[single]
+
+    many = ~single
+    folded_group, folded = _fold(
+        group[many], n_rows[many], shift[many], mean[many], comoment[many]
+    )
+    out_n[folded_group] = folded[0]
+    out_shift[folded_group] = folded[1]
+    out_mean[folded_group] = folded[2]
+    out_comoment[folded_group] = folded[3]
+    return Moments(encoded.dictionary, out_n, out_shift, out_mean, out_comoment)
+
+
+def _fold(group, n_rows, shift, mean, comoment):
+    """Merge parts by group id: (group ids, (n_rows, shift, mean, comoment))."""
     order = np.argsort(group, kind="stable")
     group, n_rows, shift, mean, comoment = (
         group[order],
@@ -131,6 +156,8 @@ def merge_moments(parts: list[Moments]) -> Moments:
         comoment[order],
     )
     starts = segment_starts(group)
+    if len(starts) == 0:
+        return group, (n_rows, shift, mean, comoment)
     sizes = np.diff(np.append(starts, len(group)))
 
     # Every part's mean as an offset from the first part's reference point:
@@ -143,27 +170,27 @@ def merge_moments(parts: list[Moments]) -> Moments:
     spread = offset - np.repeat(merged_mean, sizes, axis=0)
     between = np.einsum("p,pi,pj->pij", n_rows.astype(np.float64), spread, spread)
     merged_comoment = np.add.reduceat(comoment + between, starts)
-
-    return Moments(
-        keys=encoded.dictionary.take(pa.array(group[starts])),
-        n_rows=total,
-        shift=reference,
-        mean=merged_mean,
-        comoment=merged_comoment,
-    )
+    return group[starts], (total, reference, merged_mean, merged_comoment)
 
 
-def choose_block_size(n_rows: int, n_groups: int, block_rows: int) -> int:
+def choose_block_size(group: np.ndarray, block_rows: int) -> int:
     """Rows per block for one batch of input: fixed within the batch.
 
-    A power of two at least the mean group size, so that typical groups fill
-    about half a block or more, between 8 and ``block_rows``. Results do not
+    The smallest power of two that holds nine groups in ten whole, between 8
+    and ``block_rows``: most groups then fill one block, so their moments need
+    no merge, and padding stays under half of a typical block. Results do not
     depend on it; only padding waste and the number of blocks do.
+
+    Args:
+        group: int64, shape (n_rows,), the group index of every row.
+        block_rows: the largest block allowed.
     """
-    if n_groups == 0:
-        return min(8, block_rows)
-    mean_size = max(1, -(-n_rows // n_groups))
-    size = 1 << (mean_size - 1).bit_length()
+    sizes = np.bincount(group)
+    sizes = sizes[sizes > 0]
+    if len(sizes) == 0:
+        return int(min(8, block_rows))
+    typical = int(np.ceil(np.percentile(sizes, 90)))
+    size = 1 << max(typical - 1, 0).bit_length()
     return int(min(block_rows, max(8, size)))
 
 

@@ -43,7 +43,7 @@ def batch_moments(
     group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     n_groups = len(encoded.dictionary)
 
-    size = blocks.choose_block_size(len(group), n_groups, block_rows)
+    size = blocks.choose_block_size(group, block_rows)
     layout = blocks.layout_blocks(group, n_groups, size)
     shift = blocks.first_rows(values, layout)
     padded, mask = blocks.fill_blocks(values, layout, shift, NP_DTYPES[dtype])
@@ -257,7 +257,7 @@ def _per_group_matmul(
     if len(group) == 0:
         return np.zeros((0, width))
 
-    size = blocks.choose_block_size(len(group), bases.n_groups, block_rows)
+    size = blocks.choose_block_size(group, block_rows)
     layout = blocks.layout_blocks(group, bases.n_groups, size)
     padded, _ = blocks.fill_blocks(
         rows, layout, offsets[layout.block_group], NP_DTYPES[dtype]

@@ -128,7 +128,28 @@ def test_layout_puts_every_row_in_one_slot_of_its_group(block_size):
     np.testing.assert_array_equal(layout.block_group[layout.block], group[layout.order])
 
 
-def test_block_size_is_a_power_of_two_within_bounds():
-    assert blocks.choose_block_size(1000, 10, 1024) == 128
-    assert blocks.choose_block_size(10, 10, 1024) == 8
-    assert blocks.choose_block_size(10**6, 1, 256) == 256
+def test_block_size_holds_most_groups_whole_within_bounds():
+    sizes = np.repeat(np.arange(10), [100] * 9 + [5])
+    assert blocks.choose_block_size(sizes, 1024) == 128
+    assert blocks.choose_block_size(np.arange(10), 1024) == 8
+    assert blocks.choose_block_size(np.zeros(10**5, np.int64), 256) == 256
+    assert blocks.choose_block_size(np.zeros(0, np.int64), 1024) == 8
+
+
+def test_merge_of_mixed_single_and_repeated_keys():
+    rng = np.random.default_rng(9)
+    values = rng.normal(size=(50, 2)) + 1e6
+    keys = [0, 1, 1, 2] + [3] * 46
+    single_rows = moments_of(keys, values)
+    expected = blocks.merge_moments([single_rows])
+
+    by_pairs = [
+        blocks.merge_moments([moments_of(keys[a : a + 2], values[a : a + 2])])
+        for a in range(0, 50, 2)
+    ]
+    merged = blocks.merge_moments(by_pairs)
+
+    assert merged.keys.to_pylist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(merged.n_rows, [1, 2, 1, 46])
+    np.testing.assert_allclose(merged.full_mean, expected.full_mean, rtol=1e-15)
+    np.testing.assert_allclose(merged.comoment, expected.comoment, atol=1e-8)
