@@ -163,6 +163,16 @@ def run(config: Config, beam_args: list[str]) -> dict:
     # TensorFlow loads here, after the config and the footers were checked,
     # so that a bad setting is reported in a second rather than ten.
     from pipeline import graph
+    from transforms import pca
+
+    if config.export:
+        from transforms import export
+
+        if spec.key:
+            try:
+                export.key_dtype(spec.key, spec.key_type)
+            except TypeError as exc:
+                raise ConfigError(f"export=true: {exc}") from exc
 
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
@@ -194,6 +204,14 @@ def run(config: Config, beam_args: list[str]) -> dict:
             for name, value in projected.items():
                 counts[name] = counts.get(name, 0) + value
             names.append("projected")
+        if config.export:
+            bases = pca.table_to_bases(read_dataset(fitted), spec.key, n_features)
+            model = FileSystems.join(staging, output.MODEL)
+            export.export_saved_model(
+                bases, spec.key, list(spec.features), model, whiten=config.whiten
+            )
+            names.append(output.MODEL)
+            _LOGGER.info("Exported the bases as a SavedModel")
         summary = make_summary(config, counts, time.monotonic() - started)
         output.write_summary(staging, summary)
         output.commit(config.output_dir, staging, names)

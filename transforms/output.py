@@ -22,6 +22,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DATASETS = ("components", "projected")
 SUMMARY = "summary.json"
+MODEL = "saved_model"
 _STAGING_PREFIX = ".staging-"
 _PREVIOUS_PREFIX = ".previous-"
 
@@ -67,7 +68,7 @@ def children(directory: str) -> list[str]:
 def _is_own(name: str) -> bool:
     return (
         name in DATASETS
-        or name == SUMMARY
+        or name in (SUMMARY, MODEL)
         or name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
     )
 
@@ -130,10 +131,12 @@ def _move(source: str, destination: str) -> None:
         # A local folder moves in one rename: readers see all or nothing.
         FileSystems.rename([source], [destination])
         return
-    # Object stores have no folders: move the files one by one.
-    files = children(source)
-    FileSystems.mkdirs(destination)
-    targets = [FileSystems.join(destination, os.path.basename(f)) for f in files]
+    # Object stores have no folders: move the files one by one, those of
+    # sub-folders (a SavedModel's variables/) too; "**" crosses "/".
+    pattern = FileSystems.join(source, "**")
+    files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    prefix = source.rstrip("/") + "/"
+    targets = [FileSystems.join(destination, f[len(prefix) :]) for f in files]
     FileSystems.rename(files, targets)
 
 
@@ -144,7 +147,7 @@ def commit(output_dir: str, staging: str, names: list[str]) -> None:
     then the old ones deleted, so that no reader sees a mix of two runs.
     """
     previous = staging.replace(_STAGING_PREFIX, _PREVIOUS_PREFIX)
-    old = [name for name in (*DATASETS, SUMMARY) if _exists(output_dir, name)]
+    old = [name for name in (*DATASETS, SUMMARY, MODEL) if _exists(output_dir, name)]
     if old:
         FileSystems.mkdirs(previous)
         for name in old:

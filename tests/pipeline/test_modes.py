@@ -190,3 +190,31 @@ def test_reconstruction_and_its_error_match_numpy(tmp_path, iris):
         error = np.square(x - rebuilt).sum(axis=1)
         assert_close(got["reconstruction_error"].to_numpy(), error, rtol=1e-9)
     assert read_components(out).num_rows == 3
+
+
+def test_export_writes_a_saved_model_that_matches_projected(tmp_path, iris):
+    import tensorflow as tf
+
+    out = run_stage(tmp_path, input=str(IRIS), export=True, **IRIS_CONFIG)
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "components",
+        "projected",
+        "saved_model",
+        "summary.json",
+    ]
+    model = tf.saved_model.load(str(out / "saved_model"))
+    serve = model.signatures["serving_default"]
+    frame = iris.to_pandas()
+    result = serve(
+        key=tf.constant(frame["species"].tolist() + ["unknown"]),
+        features=tf.constant(
+            np.vstack([frame[IRIS_FEATURES].to_numpy(), np.zeros((1, 4))])
+        ),
+    )
+    projected = read_projected(out).to_pandas().set_index("row_id")
+    want = projected.loc[frame["row_id"], ["pc_1", "pc_2"]].to_numpy()
+    got = result["projected"].numpy()
+    # The same float64 math in the same order: 1e-12.
+    assert_close(got[:-1], want, rtol=1e-12)
+    assert np.isnan(got[-1]).all()
