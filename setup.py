@@ -23,5 +23,9 @@ setup(
             "pandas>=2,<4",
             "scikit-learn>=1.4,<2",
         ],
+        # Beam's filesystems and runners for the clouds; nothing else changes.
+        "gcp": ["apache-beam[gcp]>=2.60,<2.78"],
+        "aws": ["apache-beam[aws]>=2.60,<2.78"],
+        "report": ["matplotlib>=3.7,<4"],
     },
 )
