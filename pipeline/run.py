@@ -27,11 +27,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.runners.runner import PipelineState
 
 import pipeline
 from pipeline import config as config_module
 from pipeline.config import Config, ConfigError
-from transforms import counters, output
+from transforms import counters, output, progress
 from transforms.errors import StageError
 from transforms.inputs import list_files, read_dataset, read_footer, scan_inputs
 
@@ -276,12 +277,36 @@ def fitted_components(config: Config, spec) -> str:
 
 
 def _run_pipeline(options, runner, build, *args) -> dict[str, int]:
-    """Build one pipeline with ``build(pipeline, *args)``, run it, count."""
+    """Build one pipeline with ``build(pipeline, *args)``, run it, count.
+
+    ``args`` are ``build``'s after the pipeline: config, spec, ...
+    """
     p = beam.Pipeline(runner=_local_runner(runner), options=options)
     build(p, *args)
     result = p.run()
+    step = "Fit" if build.__name__ == "build_fit" else "Transform"
+    _watch(result, step, args[1].n_rows)
     result.wait_until_finish()
     return _counters(result)
+
+
+def _watch(result, step: str, total_rows: int, every_s: float = 30.0) -> None:
+    """Log the runner's row count while a job that runs on its own goes on.
+
+    The in-process DirectRunner has finished when ``run()`` returns; its
+    workers log their own progress.
+    """
+    started = time.monotonic()
+    while not PipelineState.is_terminal(result.state):
+        result.wait_until_finish(duration=int(every_s * 1000))
+        if PipelineState.is_terminal(result.state):
+            break
+        try:
+            done = _counters(result).get(counters.ROWS_READ, 0)
+        except Exception:  # Some runners serve no metrics while running.
+            continue
+        elapsed = time.monotonic() - started
+        _LOGGER.info("%s", progress.describe(step, done, total_rows, elapsed))
 
 
 def _widest_basis(components: str) -> int:

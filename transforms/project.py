@@ -12,6 +12,7 @@ from apache_beam.metrics import Metrics
 from transforms import counters as c
 from transforms import pca
 from transforms.inputs import InputSpec, column_array, prepare_batch, read_dataset
+from transforms.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,7 @@ class ProjectFn(beam.DoFn):
             table, self._spec.key, len(self._spec.features)
         )
         self._scale = pca.whitening_scale(self._bases)
+        self._progress = Progress("Transform", self._spec.n_rows)
 
     def process(self, element):
         source, table = element
@@ -108,6 +110,7 @@ class ProjectFn(beam.DoFn):
         scores = pca.project_rows(bases, group, values, self._dtype, self._block_rows)
         rows = np.flatnonzero(batch.kept)[has_basis]
 
+        self._progress.add(table.num_rows)
         self._rows_projected.inc(len(rows))
         if self._count_input:
             self._rows_read.inc(table.num_rows)

@@ -23,6 +23,7 @@ from apache_beam.metrics import Metrics
 from transforms import blocks, pca
 from transforms import counters as c
 from transforms.inputs import InputSpec, prepare_batch
+from transforms.progress import Progress
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -87,10 +88,14 @@ class BlockMomentsFn(beam.DoFn):
             c.NAMESPACE, c.ROWS_LEFT_OUT + c.MISSING_VALUE
         )
 
+    def setup(self):
+        self._progress = Progress("Fit", self._spec.n_rows)
+
     def process(self, element):
         source, table = element
         batch = prepare_batch(table, self._spec, self._missing, source)
         self._rows_read.inc(table.num_rows)
+        self._progress.add(table.num_rows)
         if batch.n_missing:
             self._rows_missing.inc(batch.n_missing)
         if len(batch.keys) == 0:
