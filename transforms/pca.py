@@ -79,6 +79,16 @@ class Bases:
             past ``n_kept``.
         n_kept: int64, shape (n_groups,), the axes each group keeps: all
             n_components, or fewer when n_components was a fraction.
+        rank: int64, shape (n_groups,), eigenvalues above round-off
+            (largest * n_features * float64 eps, as ``np.linalg.matrix_rank``).
+        condition_number: float64, shape (n_groups,), largest over smallest
+            eigenvalue; infinite when the smallest is 0.
+        n_clipped: int64, shape (n_groups,), eigenvalues clipped at 0.
+        zero_variance: bool, shape (n_groups, n_features), features constant
+            within the group.
+        tied: bool, shape (n_groups,), whether the last kept eigenvalue equals
+            the first dropped one within round-off: the kept axes are then
+            not unique.
     """
 
     keys: pa.Array
@@ -90,6 +100,11 @@ class Bases:
     explained_variance: np.ndarray
     explained_variance_ratio: np.ndarray
     n_kept: np.ndarray
+    rank: np.ndarray
+    condition_number: np.ndarray
+    n_clipped: np.ndarray
+    zero_variance: np.ndarray
+    tied: np.ndarray
 
     @property
     def n_groups(self) -> int:
@@ -125,6 +140,11 @@ def empty_bases(key_type: pa.DataType, n_features: int, n_components: int) -> Ba
         explained_variance=np.zeros((0, k)),
         explained_variance_ratio=np.zeros((0, k)),
         n_kept=np.zeros(0, np.int64),
+        rank=np.zeros(0, np.int64),
+        condition_number=np.zeros(0),
+        n_clipped=np.zeros(0, np.int64),
+        zero_variance=np.zeros((0, d), bool),
+        tied=np.zeros(0, bool),
     )
 
 
@@ -212,8 +232,8 @@ def fit_bases(
     if len(kept) == 0:
         width = n_components if isinstance(n_components, int) else 1
         return empty_bases(moments.keys.type, n_features, width), left
-    covariance, correlation, components, variance, ratio = tensor_ops.decompose(
-        moments.n_rows[kept], moments.comoment[kept], ddof
+    covariance, correlation, components, variance, ratio, n_clipped = (
+        tensor_ops.decompose(moments.n_rows[kept], moments.comoment[kept], ddof)
     )
     n_kept = kept_axes(ratio, n_components)
     width = int(n_kept.max())
@@ -228,8 +248,35 @@ def fit_bases(
         explained_variance=np.where(beyond, 0.0, variance[:, :width]),
         explained_variance_ratio=np.where(beyond, 0.0, ratio[:, :width]),
         n_kept=n_kept,
+        n_clipped=n_clipped,
+        zero_variance=np.diagonal(covariance, axis1=1, axis2=2) == 0,
+        **_spectrum_diagnostics(variance, n_kept),
     )
     return bases, left
+
+
+def _spectrum_diagnostics(variance: np.ndarray, n_kept: np.ndarray) -> dict:
+    """Rank, condition number and ties at the cut, from the full spectrum.
+
+    Args:
+        variance: float64, shape (n_groups, n_features), eigenvalues in
+            decreasing order, clipped at 0.
+        n_kept: int64, shape (n_groups,), axes kept per group.
+    """
+    n_groups, n_features = variance.shape
+    largest, smallest = variance[:, 0], variance[:, -1]
+    round_off = largest * n_features * np.finfo(np.float64).eps
+    rank = (variance > round_off[:, None]).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        condition = np.where(smallest > 0, largest / smallest, np.inf)
+    # Two eigenvalues within a few thousand ulps of the largest are equal as
+    # far as float64 can tell.
+    rows = np.arange(n_groups)
+    has_next = n_kept < n_features
+    last = variance[rows, np.minimum(n_kept, n_features) - 1]
+    first_dropped = variance[rows, np.minimum(n_kept, n_features - 1)]
+    tied = has_next & (np.abs(last - first_dropped) <= 1e3 * round_off)
+    return {"rank": rank.astype(np.int64), "condition_number": condition, "tied": tied}
 
 
 def lookup_groups(bases: Bases, keys: pa.Array) -> np.ndarray:
@@ -371,6 +418,11 @@ def components_schema(
         pa.field("components", matrix),
         pa.field("explained_variance", vector),
         pa.field("explained_variance_ratio", vector),
+        pa.field("rank", pa.int64()),
+        pa.field("condition_number", pa.float64()),
+        pa.field("n_clipped_eigenvalues", pa.int64()),
+        pa.field("zero_variance_features", pa.list_(pa.string())),
+        pa.field("tied_at_cut", pa.bool_()),
     ]
     metadata = {"features": json.dumps(features), "fit": json.dumps(fit or {})}
     return pa.schema(fields, metadata=metadata)
@@ -388,12 +440,27 @@ def bases_to_table(bases: Bases, schema: pa.Schema) -> pa.Table:
         "explained_variance_ratio": _nested_list(
             bases.explained_variance_ratio, bases.n_kept
         ),
+        "rank": pa.array(bases.rank, pa.int64()),
+        "condition_number": pa.array(bases.condition_number, pa.float64()),
+        "n_clipped_eigenvalues": pa.array(bases.n_clipped, pa.int64()),
+        "zero_variance_features": _names(
+            bases.zero_variance, json.loads(schema.metadata[b"features"])
+        ),
+        "tied_at_cut": pa.array(bases.tied, pa.bool_()),
     }
     arrays = [
         bases.keys if field.name not in columns else columns[field.name]
         for field in schema
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _names(flags: np.ndarray, names: list[str]) -> pa.Array:
+    """Per row, the names whose flag is set, as list<string>."""
+    counts = flags.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    values = pa.array(np.array(names, dtype=object)[np.nonzero(flags)[1]], pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
@@ -420,6 +487,7 @@ def table_to_bases(table: pa.Table, key: str | None, n_features: int) -> Bases:
     variance[beyond] = _flat(table.column("explained_variance"), 1)
     ratio = np.zeros((n_groups, width))
     ratio[beyond] = _flat(table.column("explained_variance_ratio"), 1)
+    covariance = _flat(table.column("covariance"), 2).reshape(n_groups, d, d)
     keys = (
         table.column(key).combine_chunks()
         if key
@@ -429,11 +497,16 @@ def table_to_bases(table: pa.Table, key: str | None, n_features: int) -> Bases:
         keys=keys,
         n_rows=table.column("n_rows").to_numpy().astype(np.int64),
         mean=_flat(table.column("mean"), 1).reshape(n_groups, d),
-        covariance=_flat(table.column("covariance"), 2).reshape(n_groups, d, d),
+        covariance=covariance,
         correlation=_flat(table.column("correlation"), 2).reshape(n_groups, d, d),
         components=components,
         explained_variance=variance,
         explained_variance_ratio=ratio,
         n_kept=n_kept,
+        rank=table.column("rank").to_numpy().astype(np.int64),
+        condition_number=table.column("condition_number").to_numpy(),
+        n_clipped=table.column("n_clipped_eigenvalues").to_numpy().astype(np.int64),
+        zero_variance=np.diagonal(covariance, axis1=1, axis2=2) == 0,
+        tied=table.column("tied_at_cut").to_numpy(zero_copy_only=False),
     )
     return bases.take(sort_index(bases.keys))

@@ -112,7 +112,9 @@ def _decompose(n_rows, comoment, ddof):
 
     # eigh returns ascending eigenvalues with eigenvectors in the columns.
     eigenvalues, eigenvectors = tf.linalg.eigh(covariance)
-    eigenvalues = tf.maximum(tf.reverse(eigenvalues, axis=[-1]), 0.0)
+    eigenvalues = tf.reverse(eigenvalues, axis=[-1])
+    n_clipped = tf.reduce_sum(tf.cast(eigenvalues < 0, tf.int64), axis=-1)
+    eigenvalues = tf.maximum(eigenvalues, 0.0)
     components = tf.reverse(tf.linalg.matrix_transpose(eigenvectors), axis=[-2])
 
     # Sign rule: the entry of largest absolute value of each axis is positive.
@@ -125,12 +127,12 @@ def _decompose(n_rows, comoment, ddof):
     ratio = tf.where(
         total > 0, eigenvalues / tf.where(total > 0, total, 1.0), tf.zeros_like(total)
     )
-    return covariance, correlation, components, eigenvalues, ratio
+    return covariance, correlation, components, eigenvalues, ratio, n_clipped
 
 
 def decompose(
     n_rows: np.ndarray, comoment: np.ndarray, ddof: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Covariance, correlation and full eigen-decomposition of many groups.
 
     Always float64: the decomposition is cheap next to the moments and its
@@ -152,6 +154,8 @@ def decompose(
             eigenvalues in decreasing order, round-off below zero clipped to 0.
         explained_variance_ratio: float64, shape (n_groups, n_features), each
             eigenvalue over their sum; 0 where the sum is 0.
+        n_clipped: int64, shape (n_groups,), eigenvalues that round-off had
+            made negative, clipped to 0.
     """
     outputs = _decompose(
         tf.constant(n_rows, tf.float64),

@@ -151,3 +151,32 @@ def test_fraction_outside_zero_one_is_refused(tmp_path, capsys, n_components):
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "fraction between 0 and 1" in err
+
+
+def test_diagnostics_tell_rank_condition_zero_variance_and_ties(tmp_path):
+    rng = np.random.default_rng(6)
+    low_rank = rng.normal(size=(3, 4))
+    low_rank[:, 3] = 2.0
+    square = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    full = rng.normal(size=(30, 4)) * [3.0, 2.0, 1.0, 0.5]
+    keys = ["low"] * 3 + ["tie"] * 4 + ["full"] * 30
+    values = np.vstack(
+        [low_rank, np.pad(square, ((0, 0), (0, 2))) + [0, 0, 5, 5], full]
+    )
+    path = write(tmp_path, dict({f"f{i}": values[:, i] for i in range(4)}, k=keys))
+
+    out = run_stage(tmp_path, input=path, key="k", n_components=1)
+
+    table = read_components(out).to_pandas().set_index("k")
+    assert table.loc["low", "rank"] == np.linalg.matrix_rank(np.cov(low_rank.T))
+    assert table.loc["low", "condition_number"] == np.inf
+    assert list(table.loc["low", "zero_variance_features"]) == ["f3"]
+    assert list(table.loc["tie", "zero_variance_features"]) == ["f2", "f3"]
+    assert bool(table.loc["tie", "tied_at_cut"])
+    assert not bool(table.loc["full", "tied_at_cut"])
+    assert table.loc["full", "rank"] == 4
+    expected = np.linalg.cond(np.cov(full, rowvar=False))
+    np.testing.assert_allclose(
+        table.loc["full", "condition_number"], expected, rtol=1e-9
+    )
+    assert (table["n_clipped_eigenvalues"] >= 0).all()

@@ -43,7 +43,7 @@ def test_decompose_matches_numpy_for_many_groups(ddof):
     ]
     for i, values in enumerate(groups):
         expected = oracle(values, ddof)
-        for name, result in zip(names, outputs, strict=True):
+        for name, result in zip(names, outputs[:5], strict=True):
             # float64 eigen-solvers agree to about 1e-13 relative to the
             # largest eigenvalue for well-separated eigenvalues.
             assert_close(result[i], expected[name], rtol=1e-9)
@@ -52,7 +52,9 @@ def test_decompose_matches_numpy_for_many_groups(ddof):
 def test_sign_rule_makes_the_largest_entry_positive():
     comoment = np.array([[[2.0, -1.9], [-1.9, 2.0]], [[1.0, 0.0], [0.0, 3.0]]])
 
-    _, _, components, _, _ = tensor_ops.decompose(np.array([10.0, 10.0]), comoment, 1)
+    _, _, components, _, _, _ = tensor_ops.decompose(
+        np.array([10.0, 10.0]), comoment, 1
+    )
 
     for axes in components:
         largest = axes[np.arange(2), np.abs(axes).argmax(axis=1)]
