@@ -53,6 +53,10 @@ class Config:
             reconstruction from the kept axes.
         reconstruct: add the reconstructed features, ``<feature>_reconstructed``.
         export: also write a TensorFlow SavedModel of the bases.
+        weight: a column of non-negative row weights (np.cov's aweights);
+            rows of weight 0 are left out and counted.
+        standardize: take the principal axes of the correlation matrix (PCA
+            of standardised features) instead of the covariance.
     """
 
     input: str
@@ -74,6 +78,8 @@ class Config:
     reconstruction_error: bool = False
     reconstruct: bool = False
     export: bool = False
+    weight: str | None = None
+    standardize: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -84,7 +90,14 @@ class Config:
 
 
 FIELDS = [field.name for field in dataclasses.fields(Config)]
-_SWITCHES = ("overwrite", "whiten", "reconstruction_error", "reconstruct", "export")
+_SWITCHES = (
+    "overwrite",
+    "whiten",
+    "reconstruction_error",
+    "reconstruct",
+    "export",
+    "standardize",
+)
 _REQUIRED = ("input", "output_dir")
 
 
@@ -167,6 +180,15 @@ def check(raw: dict[str, Any]) -> Config:
         if not values["features"]:
             raise ConfigError("features=[] must name at least one column")
     values["passthrough"] = _column_list("passthrough", raw.get("passthrough") or [])
+    if raw.get("weight") is not None:
+        values["weight"] = _text("weight", raw["weight"])
+        named = {values.get("key"), *(values.get("features") or ())}
+        if values["weight"] in named:
+            msg = (
+                f"weight={values['weight']!r} is also the key or a feature; "
+                "a weight column must be a column of its own"
+            )
+            raise ConfigError(msg)
     if (
         values.get("key")
         and values.get("features")

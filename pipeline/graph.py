@@ -41,6 +41,8 @@ def fit_settings(config: Config, spec: InputSpec) -> dict:
         "features": list(spec.features),
         "ddof": config.ddof,
         "dtype": config.dtype,
+        "standardize": config.standardize,
+        "weight": config.weight,
         "n_components": config.n_components,
         "stage_version": pipeline.__version__,
     }
@@ -57,6 +59,7 @@ def build_fit(pipeline: beam.Pipeline, config: Config, spec: InputSpec, staging:
         block_rows=config.block_rows,
         batch_blocks=config.batch_blocks,
         n_shards=config.n_shards,
+        standardize=config.standardize,
     )
 
     # One sorted table, so that every run writes the groups in one order.
@@ -88,7 +91,12 @@ def build_transform(
         components: the folder of the components dataset to project with.
         n_columns: the most axes any group keeps: pc_1 ... pc_{n_columns}.
     """
-    outputs = Outputs(config.whiten, config.reconstruction_error, config.reconstruct)
+    outputs = Outputs(
+        config.whiten,
+        config.reconstruction_error,
+        config.reconstruct,
+        config.standardize,
+    )
     schema = projected_schema(spec, n_columns, outputs)
     project = ProjectFn(
         spec,

@@ -139,14 +139,16 @@ def run(config: Config, beam_args: list[str]) -> dict:
     """
     started = time.monotonic()
     config = absolute_paths(config)
+    fits = config.mode in ("fit_transform", "fit")
+    # Weights matter to the fit only; a transform does not read them.
     spec = scan_inputs(
         config.input,
         config.key,
         list(config.features) if config.features is not None else None,
         list(config.passthrough),
+        config.weight if fits else None,
     )
     n_features = len(spec.features)
-    fits = config.mode in ("fit_transform", "fit")
     if (
         fits
         and isinstance(config.n_components, int)
@@ -265,6 +267,7 @@ def fitted_components(config: Config, spec) -> str:
         "key_type": str(spec.key_type) if spec.key else None,
         "ddof": config.ddof,
         "dtype": config.dtype,
+        "standardize": config.standardize,
     }
     for name, value in expected.items():
         if fit.get(name, "absent") != value:

@@ -3,7 +3,8 @@
 Plain NumPy, float64, nothing of Beam or TensorFlow. The moments of a set of
 rows are its row count, its mean and its co-moment matrix
 ``comoment = sum_i (x_i - mean)^T (x_i - mean)``; the covariance is
-``comoment / (n_rows - ddof)``. Moments of disjoint parts merge exactly with
+``comoment / (n_rows - ddof)`` (``Moments.divisor`` for weighted rows).
+Moments of disjoint parts merge exactly with
 the pairwise update of Chan, Golub and LeVeque, generalised here to many parts
 at once:
 
@@ -32,19 +33,27 @@ class Moments:
     mean would round to a few ulps of the offset, and the merge would turn
     that rounding into co-moment error; the offsets keep full precision.
 
+    Rows may carry weights; unweighted rows weigh 1, so ``weight`` and
+    ``weight_sq`` are then the row count.
+
     Attributes:
         keys: the groups' keys, an Arrow array of length n_groups with no
             repeats (a merge of several ``Moments`` may hold repeats until
             ``merge_moments`` folds them).
         n_rows: int64, shape (n_groups,), rows in each group.
+        weight: float64, shape (n_groups,), the sum of the rows' weights.
+        weight_sq: float64, shape (n_groups,), the sum of their squares.
         shift: float64, shape (n_groups, n_features), a reference point.
-        mean: float64, shape (n_groups, n_features), mean less ``shift``.
-        comoment: float64, shape (n_groups, n_features, n_features), the sum
-            of outer products of the centred rows.
+        mean: float64, shape (n_groups, n_features), weighted mean less
+            ``shift``.
+        comoment: float64, shape (n_groups, n_features, n_features), the
+            weighted sum of outer products of the centred rows.
     """
 
     keys: pa.Array
     n_rows: np.ndarray
+    weight: np.ndarray
+    weight_sq: np.ndarray
     shift: np.ndarray
     mean: np.ndarray
     comoment: np.ndarray
@@ -58,16 +67,29 @@ class Moments:
         """float64, shape (n_groups, n_features): the mean itself."""
         return self.shift + self.mean
 
+    def divisor(self, ddof: int) -> np.ndarray:
+        """The covariance divisor: weight - ddof * weight_sq / weight.
+
+        ``n_rows - ddof`` for unweighted rows; for weighted ones the
+        divisor of ``np.cov(..., aweights=w)``.
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.weight - ddof * self.weight_sq / self.weight
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every field but the keys, by name."""
+        return {name: getattr(self, name) for name in _ARRAYS}
+
     def take(self, index: np.ndarray) -> Moments:
         """The moments of the groups at ``index``, in that order."""
         index = np.asarray(index, dtype=np.int64)
         return Moments(
             keys=self.keys.take(pa.array(index, pa.int64())),
-            n_rows=self.n_rows[index],
-            shift=self.shift[index],
-            mean=self.mean[index],
-            comoment=self.comoment[index],
+            **{name: array[index] for name, array in self.arrays().items()},
         )
+
+
+_ARRAYS = ("n_rows", "weight", "weight_sq", "shift", "mean", "comoment")
 
 
 def empty_moments(key_type: pa.DataType, n_features: int) -> Moments:
@@ -75,6 +97,8 @@ def empty_moments(key_type: pa.DataType, n_features: int) -> Moments:
     return Moments(
         keys=pa.array([], type=key_type),
         n_rows=np.zeros(0, dtype=np.int64),
+        weight=np.zeros(0),
+        weight_sq=np.zeros(0),
         shift=np.zeros((0, n_features)),
         mean=np.zeros((0, n_features)),
         comoment=np.zeros((0, n_features, n_features)),
@@ -101,76 +125,68 @@ def merge_moments(parts: list[Moments]) -> Moments:
         appearance.
     """
     keys = pa.concat_arrays([part.keys for part in parts])
-    n_rows = np.concatenate([part.n_rows for part in parts])
-    shift = np.concatenate([part.shift for part in parts])
-    mean = np.concatenate([part.mean for part in parts])
-    comoment = np.concatenate([part.comoment for part in parts])
+    arrays = {
+        name: np.concatenate([getattr(part, name) for part in parts])
+        for name in _ARRAYS
+    }
 
     # Parts without rows carry no information (their mean is arbitrary).
-    if (n_rows == 0).any():
-        keep = n_rows > 0
+    if (arrays["n_rows"] == 0).any():
+        keep = arrays["n_rows"] > 0
         keys = keys.filter(pa.array(keep))
-        n_rows, shift, mean, comoment = (
-            n_rows[keep],
-            shift[keep],
-            mean[keep],
-            comoment[keep],
-        )
+        arrays = {name: array[keep] for name, array in arrays.items()}
 
     encoded = keys.dictionary_encode()
     group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     n_groups = len(encoded.dictionary)
     if len(group) == n_groups:
-        return Moments(encoded.dictionary, n_rows, shift, mean, comoment)
+        return Moments(encoded.dictionary, **arrays)
 
     # Groups seen once are taken as they are; only the others are folded.
-    parts_per_group = np.bincount(group, minlength=n_groups)
-    single = parts_per_group[group] == 1
-    out_shift = np.empty((n_groups, shift.shape[1]))
-    out_mean = np.empty_like(out_shift)
-    out_comoment = np.empty((n_groups, *comoment.shape[1:]))
-    out_n = np.empty(n_groups, dtype=np.int64)
-    for target, source in ((out_n, n_rows), (out_shift, shift), (out_mean, mean)):
-        target[group[single]] = source[single]
-    out_comoment[group[single]] = comoment[single]
-
+    single = np.bincount(group, minlength=n_groups)[group] == 1
+    out = {
+        name: np.empty((n_groups, *array.shape[1:]), dtype=array.dtype)
+        for name, array in arrays.items()
+    }
     many = ~single
     folded_group, folded = _fold(
-        group[many], n_rows[many], shift[many], mean[many], comoment[many]
+        group[many], {name: array[many] for name, array in arrays.items()}
     )
-    out_n[folded_group] = folded[0]
-    out_shift[folded_group] = folded[1]
-    out_mean[folded_group] = folded[2]
-    out_comoment[folded_group] = folded[3]
-    return Moments(encoded.dictionary, out_n, out_shift, out_mean, out_comoment)
+    for name, array in arrays.items():
+        out[name][group[single]] = array[single]
+        out[name][folded_group] = folded[name]
+    return Moments(encoded.dictionary, **out)
 
 
-def _fold(group, n_rows, shift, mean, comoment):
-    """Merge parts by group id: (group ids, (n_rows, shift, mean, comoment))."""
+def _fold(group: np.ndarray, parts: dict) -> tuple[np.ndarray, dict]:
+    """Merge parts by group id: (the group ids, their merged arrays)."""
     order = np.argsort(group, kind="stable")
-    group, n_rows, shift, mean, comoment = (
-        group[order],
-        n_rows[order],
-        shift[order],
-        mean[order],
-        comoment[order],
-    )
+    group = group[order]
+    parts = {name: array[order] for name, array in parts.items()}
     starts = segment_starts(group)
     if len(starts) == 0:
-        return group, (n_rows, shift, mean, comoment)
+        return group, parts
     sizes = np.diff(np.append(starts, len(group)))
+    weight = parts["weight"]
 
     # Every part's mean as an offset from the first part's reference point:
     # references of one group are near each other, so the difference is exact.
-    reference = shift[starts]
-    offset = (shift - np.repeat(reference, sizes, axis=0)) + mean
-    total = np.add.reduceat(n_rows, starts)
-    merged_mean = np.add.reduceat(offset * n_rows[:, None], starts) / total[:, None]
+    reference = parts["shift"][starts]
+    offset = (parts["shift"] - np.repeat(reference, sizes, axis=0)) + parts["mean"]
+    total = np.add.reduceat(weight, starts)
+    merged_mean = np.add.reduceat(offset * weight[:, None], starts) / total[:, None]
 
     spread = offset - np.repeat(merged_mean, sizes, axis=0)
-    between = np.einsum("p,pi,pj->pij", n_rows.astype(np.float64), spread, spread)
-    merged_comoment = np.add.reduceat(comoment + between, starts)
-    return group[starts], (total, reference, merged_mean, merged_comoment)
+    between = np.einsum("p,pi,pj->pij", weight, spread, spread)
+    merged = {
+        "n_rows": np.add.reduceat(parts["n_rows"], starts),
+        "weight": total,
+        "weight_sq": np.add.reduceat(parts["weight_sq"], starts),
+        "shift": reference,
+        "mean": merged_mean,
+        "comoment": np.add.reduceat(parts["comoment"] + between, starts),
+    }
+    return group[starts], merged
 
 
 def choose_block_size(group: np.ndarray, block_rows: int) -> int:
@@ -252,7 +268,11 @@ def first_rows(values: np.ndarray, layout: BlockLayout) -> np.ndarray:
 
 
 def fill_blocks(
-    values: np.ndarray, layout: BlockLayout, offsets: np.ndarray, dtype: np.dtype
+    values: np.ndarray,
+    layout: BlockLayout,
+    offsets: np.ndarray,
+    dtype: np.dtype,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scatter rows into padded blocks, less an offset per block.
 
@@ -265,14 +285,16 @@ def fill_blocks(
         offsets: float64, shape (n_blocks, n_features), subtracted from every
             row of its block (a block's first row, or its group's mean).
         dtype: dtype of the returned blocks.
+        weights: float64, shape (n_rows,), positive row weights, or None.
 
     Returns:
         blocks: shape (n_blocks, block_size, n_features), padding is 0.
-        mask: same dtype, shape (n_blocks, block_size), 1 for a real row.
+        mask: same dtype, shape (n_blocks, block_size), each row's weight
+            (1 unless ``weights`` are given), 0 for padding.
     """
     n_features = values.shape[1]
     blocks = np.zeros((layout.n_blocks, layout.block_size, n_features), dtype=dtype)
     blocks[layout.block, layout.slot] = values[layout.order] - offsets[layout.block]
     mask = np.zeros((layout.n_blocks, layout.block_size), dtype=dtype)
-    mask[layout.block, layout.slot] = 1
+    mask[layout.block, layout.slot] = 1 if weights is None else weights[layout.order]
     return blocks, mask

@@ -46,6 +46,7 @@ class InputSpec:
         features: feature columns in the configured order.
         passthrough: columns copied unchanged into the projected output.
         passthrough_types: the type of each passthrough column.
+        weight: the column of row weights, or None for unweighted rows.
     """
 
     files: tuple[InputFile, ...]
@@ -54,6 +55,7 @@ class InputSpec:
     features: tuple[str, ...]
     passthrough: tuple[str, ...]
     passthrough_types: tuple[pa.DataType, ...]
+    weight: str | None = None
 
     @property
     def n_rows(self) -> int:
@@ -63,7 +65,7 @@ class InputSpec:
     def columns(self) -> list[str]:
         """Columns to read, each once."""
         named = ([self.key] if self.key else []) + list(self.features)
-        named += list(self.passthrough)
+        named += list(self.passthrough) + ([self.weight] if self.weight else [])
         return list(dict.fromkeys(named))
 
 
@@ -178,6 +180,7 @@ def scan_inputs(
     key: str | None,
     features: list[str] | None,
     passthrough: list[str],
+    weight: str | None = None,
 ) -> InputSpec:
     """Read every footer and settle the columns and types the stage uses.
 
@@ -187,6 +190,7 @@ def scan_inputs(
         features: feature columns, or None for every numeric column that is
             neither the key nor passthrough.
         passthrough: columns to copy into the projected output.
+        weight: a numeric column of non-negative row weights, or None.
 
     Returns:
         The checked input description.
@@ -198,7 +202,8 @@ def scan_inputs(
     files = [read_footer(path) for path in list_files(pattern)]
     first = files[0]
     if features is None:
-        features = _default_features(first.schema, key, passthrough)
+        skip = [*passthrough, *([weight] if weight else [])]
+        features = _default_features(first.schema, key, skip)
         if not features:
             msg = (
                 f"{first.path} has no numeric column to take as a feature; "
@@ -206,14 +211,16 @@ def scan_inputs(
             )
             raise InputError(msg)
 
-    named = ([key] if key else []) + list(features) + list(passthrough)
+    numeric = list(features) + ([weight] if weight else [])
+    named = ([key] if key else []) + numeric + list(passthrough)
     for file in files:
         _require_columns(file, named)
-        for name in features:
+        for name in numeric:
             field = file.schema.field(name)
             if not is_numeric(field.type):
+                role = "weight" if name == weight else "feature"
                 msg = (
-                    f"feature column {name!r} in {file.path} has type "
+                    f"{role} column {name!r} in {file.path} has type "
                     f"{field.type}; expected a numeric type (integer, floating, "
                     "decimal or boolean)"
                 )
@@ -244,6 +251,7 @@ def scan_inputs(
         features=tuple(features),
         passthrough=tuple(passthrough),
         passthrough_types=passthrough_types,
+        weight=weight,
     )
 
 
@@ -269,13 +277,18 @@ class Batch:
         keys: key of each kept row, in the spec's key type, no nulls.
         values: float64, shape (n_kept, n_features), all finite.
         kept: bool, shape (n_rows,), which rows of the batch were kept.
-        n_missing: rows left out for a null, NaN or infinite key or feature.
+        n_missing: rows left out for a null, NaN or infinite key, feature or
+            weight.
+        weights: float64, shape (n_kept,), positive, or None when unweighted.
+        n_zero_weight: rows left out for a weight of 0.
     """
 
     keys: pa.Array
     values: np.ndarray
     kept: np.ndarray
     n_missing: int
+    weights: np.ndarray | None = None
+    n_zero_weight: int = 0
 
 
 def column_array(table: pa.Table, name: str) -> pa.Array:
@@ -326,11 +339,36 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
     else:
         keys = pa.array(np.zeros(n_rows, np.int8))
 
+    weights, n_zero_weight = None, 0
+    if spec.weight:
+        weights = pc.cast(column_array(table, spec.weight), pa.float64(), safe=False)
+        weights = weights.to_numpy(zero_copy_only=False)
+        usable = np.isfinite(weights)
+        _check_missing(missing, usable, spec.weight, source)
+        negative = usable & (weights < 0)
+        if negative.any():
+            row = int(np.flatnonzero(negative)[0])
+            msg = (
+                f"weight column {spec.weight!r} of {source} has a negative value "
+                f"({weights[row]}) in row {row} of its batch; weights must be 0 "
+                "or more"
+            )
+            raise InputError(msg)
+        kept &= usable
+        n_missing = int(n_rows - kept.sum())
+        zero = kept & (weights == 0)
+        n_zero_weight = int(zero.sum())
+        kept &= ~zero
+    else:
+        n_missing = int(n_rows - kept.sum())
+
     values = np.stack(columns, axis=1) if columns else np.zeros((n_rows, 0))
     if not kept.all():
         values = values[kept]
         keys = keys.filter(pa.array(kept))
-    return Batch(keys, values, kept, int(n_rows - kept.sum()))
+    if weights is not None:
+        weights = weights[kept]
+    return Batch(keys, values, kept, n_missing, weights, n_zero_weight)
 
 
 def _check_missing(missing: str, usable: np.ndarray, name: str, source: str) -> None:

@@ -26,6 +26,7 @@ def batch_moments(
     dtype: str,
     block_rows: int,
     batch_blocks: int,
+    weights: np.ndarray | None = None,
 ) -> Moments:
     """Moments of every group of one batch of rows.
 
@@ -35,6 +36,7 @@ def batch_moments(
         dtype: "float32" or "float64", the dtype of the TensorFlow op.
         block_rows: most rows in one block.
         batch_blocks: blocks per ``tf.data`` batch.
+        weights: float64, shape (n_rows,), positive row weights, or None.
 
     Returns:
         Moments with one entry per distinct key of the batch.
@@ -46,12 +48,16 @@ def batch_moments(
     size = blocks.choose_block_size(group, block_rows)
     layout = blocks.layout_blocks(group, n_groups, size)
     shift = blocks.first_rows(values, layout)
-    padded, mask = blocks.fill_blocks(values, layout, shift, NP_DTYPES[dtype])
-    n_rows, mean, comoment = tensor_ops.block_moments(padded, mask, batch_blocks)
+    padded, mask = blocks.fill_blocks(values, layout, shift, NP_DTYPES[dtype], weights)
+    n_rows, weight, weight_sq, mean, comoment = tensor_ops.block_moments(
+        padded, mask, batch_blocks
+    )
 
     per_block = Moments(
         keys=encoded.dictionary.take(pa.array(layout.block_group)),
         n_rows=n_rows,
+        weight=weight,
+        weight_sq=weight_sq,
         shift=shift,
         mean=mean,
         comoment=comoment,
@@ -206,15 +212,18 @@ def kept_axes(ratio: np.ndarray, n_components: int | float) -> np.ndarray:
 
 
 def fit_bases(
-    moments: Moments, ddof: int, n_components: int | float
+    moments: Moments, ddof: int, n_components: int | float, standardize: bool = False
 ) -> tuple[Bases, Moments]:
     """Covariance, correlation and the top principal axes of every group.
 
     Args:
         moments: merged moments, one entry per group.
-        ddof: the covariance divisor is n_rows - ddof.
+        ddof: the covariance divisor is n_rows - ddof (for weighted rows,
+            ``Moments.divisor``).
         n_components: axes kept per group, at most n_features; or a fraction
             in (0, 1) of the variance to explain (see ``kept_axes``).
+        standardize: take the axes of the correlation matrix (PCA of
+            standardised features) instead of the covariance.
 
     Returns:
         bases: the groups with more than ``ddof`` rows, sorted by key, as
@@ -222,7 +231,7 @@ def fit_bases(
         left_out: moments of the groups with ``ddof`` rows or fewer, which
             have no covariance.
     """
-    has_covariance = moments.n_rows > ddof
+    has_covariance = (moments.n_rows > ddof) & (moments.divisor(ddof) > 0)
     left_out = np.flatnonzero(~has_covariance)
     kept = np.flatnonzero(has_covariance)
     kept = kept[sort_index(moments.keys.take(pa.array(kept, pa.int64())))]
@@ -233,7 +242,9 @@ def fit_bases(
         width = n_components if isinstance(n_components, int) else 1
         return empty_bases(moments.keys.type, n_features, width), left
     covariance, correlation, components, variance, ratio, n_clipped = (
-        tensor_ops.decompose(moments.n_rows[kept], moments.comoment[kept], ddof)
+        tensor_ops.decompose(
+            moments.divisor(ddof)[kept], moments.comoment[kept], standardize
+        )
     )
     n_kept = kept_axes(ratio, n_components)
     width = int(n_kept.max())
@@ -317,10 +328,29 @@ def _per_group_matmul(
     return out
 
 
+def feature_scale(bases: Bases) -> np.ndarray:
+    """Each group's feature deviations, by which rows are standardised.
+
+    The square root of the covariance's diagonal, and 1 for a constant
+    feature (which is 0 once centred, as scikit-learn's StandardScaler
+    leaves it).
+
+    Returns:
+        float64, shape (n_groups, n_features).
+    """
+    variance = np.diagonal(bases.covariance, axis1=1, axis2=2)
+    return np.where(variance > 0, np.sqrt(np.maximum(variance, 0)), 1.0)
+
+
 def project_rows(
-    bases: Bases, group: np.ndarray, values: np.ndarray, dtype: str, block_rows: int
+    bases: Bases,
+    group: np.ndarray,
+    values: np.ndarray,
+    dtype: str,
+    block_rows: int,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Project every row onto its own group's basis: (x - mean) @ components.T.
+    """Project rows onto their group's basis: ((x - mean) / scale) @ components.T.
 
     Args:
         bases: the fitted groups.
@@ -328,18 +358,28 @@ def project_rows(
         values: float64, shape (n_rows, n_features).
         dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
         block_rows: most rows in one block.
+        scale: float64, shape (n_groups, n_features), from ``feature_scale``;
+            None for no scaling.
 
     Returns:
         float64, shape (n_rows, n_components), in the order of the rows; 0
         past a group's ``n_kept``.
     """
+    axes = bases.components
+    if scale is not None:
+        axes = axes / scale[:, None, :]
     return _per_group_matmul(
-        bases, group, values, bases.mean, bases.components, True, dtype, block_rows
+        bases, group, values, bases.mean, axes, True, dtype, block_rows
     )
 
 
 def reconstruct_rows(
-    bases: Bases, group: np.ndarray, scores: np.ndarray, dtype: str, block_rows: int
+    bases: Bases,
+    group: np.ndarray,
+    scores: np.ndarray,
+    dtype: str,
+    block_rows: int,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows rebuilt from their (unwhitened) scores: mean + scores @ components.
 
@@ -349,13 +389,17 @@ def reconstruct_rows(
         scores: float64, shape (n_rows, n_components), from ``project_rows``.
         dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
         block_rows: most rows in one block.
+        scale: as for ``project_rows``; the rebuilt rows are scaled back.
 
     Returns:
         float64, shape (n_rows, n_features).
     """
     zero = np.zeros((bases.n_groups, bases.n_components))
+    axes = bases.components
+    if scale is not None:
+        axes = axes * scale[:, None, :]
     product = _per_group_matmul(
-        bases, group, scores, zero, bases.components, False, dtype, block_rows
+        bases, group, scores, zero, axes, False, dtype, block_rows
     )
     return product + bases.mean[group]
 

@@ -24,11 +24,14 @@ class Outputs:
         reconstruction_error: add ``reconstruction_error``, the squared
             distance between a row and its reconstruction.
         reconstruct: add ``<feature>_reconstructed`` for every feature.
+        standardize: the bases are those of standardised features: scale
+            each centred row by its group's deviations before projecting.
     """
 
     whiten: bool = False
     reconstruction_error: bool = False
     reconstruct: bool = False
+    standardize: bool = False
 
 
 def projected_schema(
@@ -90,6 +93,9 @@ class ProjectFn(beam.DoFn):
         self._rows_unknown = Metrics.counter(
             c.NAMESPACE, c.ROWS_LEFT_OUT + c.UNKNOWN_GROUP
         )
+        self._rows_weightless = Metrics.counter(
+            c.NAMESPACE, c.ROWS_LEFT_OUT + c.ZERO_WEIGHT
+        )
 
     def setup(self):
         table = read_dataset(self._components)
@@ -97,6 +103,9 @@ class ProjectFn(beam.DoFn):
             table, self._spec.key, len(self._spec.features)
         )
         self._scale = pca.whitening_scale(self._bases)
+        self._feature_scale = (
+            pca.feature_scale(self._bases) if self._outputs.standardize else None
+        )
         self._progress = Progress("Transform", self._spec.n_rows)
 
     def process(self, element):
@@ -107,7 +116,9 @@ class ProjectFn(beam.DoFn):
         has_basis = group >= 0
         group = group[has_basis]
         values = batch.values[has_basis]
-        scores = pca.project_rows(bases, group, values, self._dtype, self._block_rows)
+        scores = pca.project_rows(
+            bases, group, values, self._dtype, self._block_rows, self._feature_scale
+        )
         rows = np.flatnonzero(batch.kept)[has_basis]
 
         self._progress.add(table.num_rows)
@@ -115,6 +126,7 @@ class ProjectFn(beam.DoFn):
         if self._count_input:
             self._rows_read.inc(table.num_rows)
             self._rows_missing.inc(batch.n_missing)
+            self._rows_weightless.inc(batch.n_zero_weight)
             self._rows_unknown.inc(int((~has_basis).sum()))
         if len(rows) == 0:
             return
@@ -139,7 +151,12 @@ class ProjectFn(beam.DoFn):
             columns[f"pc_{i + 1}"] = pa.array(shown[:, i], mask=past_kept[:, i])
         if self._outputs.reconstruction_error or self._outputs.reconstruct:
             rebuilt = pca.reconstruct_rows(
-                bases, group, scores, self._dtype, self._block_rows
+                bases,
+                group,
+                scores,
+                self._dtype,
+                self._block_rows,
+                self._feature_scale,
             )
             if self._outputs.reconstruction_error:
                 error = np.square(values - rebuilt).sum(axis=1)

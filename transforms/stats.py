@@ -87,6 +87,9 @@ class BlockMomentsFn(beam.DoFn):
         self._rows_missing = Metrics.counter(
             c.NAMESPACE, c.ROWS_LEFT_OUT + c.MISSING_VALUE
         )
+        self._rows_weightless = Metrics.counter(
+            c.NAMESPACE, c.ROWS_LEFT_OUT + c.ZERO_WEIGHT
+        )
 
     def setup(self):
         self._progress = Progress("Fit", self._spec.n_rows)
@@ -98,11 +101,18 @@ class BlockMomentsFn(beam.DoFn):
         self._progress.add(table.num_rows)
         if batch.n_missing:
             self._rows_missing.inc(batch.n_missing)
+        if batch.n_zero_weight:
+            self._rows_weightless.inc(batch.n_zero_weight)
         if len(batch.keys) == 0:
             return
 
         moments = pca.batch_moments(
-            batch.keys, batch.values, self._dtype, self._block_rows, self._batch_blocks
+            batch.keys,
+            batch.values,
+            self._dtype,
+            self._block_rows,
+            self._batch_blocks,
+            batch.weights,
         )
         shard = shard_index(moments.keys, self._n_shards)
         for index in np.unique(shard):
@@ -149,9 +159,10 @@ class MomentsCombineFn(beam.CombineFn):
 class FitBasesFn(beam.DoFn):
     """(shard, Moments) -> Bases of the shard's groups with a covariance."""
 
-    def __init__(self, ddof: int, n_components: int):
+    def __init__(self, ddof: int, n_components: int | float, standardize: bool):
         self._ddof = ddof
         self._n_components = n_components
+        self._standardize = standardize
         self._groups_written = Metrics.counter(c.NAMESPACE, c.GROUPS_WRITTEN)
         self._rows_fitted = Metrics.counter(c.NAMESPACE, c.ROWS_FITTED)
         self._groups_small = Metrics.counter(
@@ -163,7 +174,9 @@ class FitBasesFn(beam.DoFn):
 
     def process(self, element):
         _, moments = element
-        bases, left_out = pca.fit_bases(moments, self._ddof, self._n_components)
+        bases, left_out = pca.fit_bases(
+            moments, self._ddof, self._n_components, self._standardize
+        )
         if left_out.n_groups:
             self._groups_small.inc(left_out.n_groups)
             self._rows_small.inc(int(left_out.n_rows.sum()))
@@ -179,29 +192,31 @@ class ComputeBases(beam.PTransform):
     Args:
         spec: the checked input description.
         ddof: the covariance divisor is n_rows - ddof.
-        n_components: principal axes kept per group.
+        n_components: principal axes kept per group, or a fraction of the
+            variance to explain.
         missing: "drop" or "error", what to do with a missing value.
         dtype: "float32" or "float64", the dtype of the moments op.
         block_rows: most rows per block.
         batch_blocks: blocks per ``tf.data`` batch.
         n_shards: shards of the key space, the parallelism of the merge.
+        standardize: take the axes of the correlation matrix.
     """
 
     def __init__(
         self,
         spec: InputSpec,
         ddof: int,
-        n_components: int,
+        n_components: int | float,
         missing: str,
         dtype: str,
         block_rows: int,
         batch_blocks: int,
         n_shards: int,
+        standardize: bool = False,
     ):
         super().__init__()
         self._spec = spec
-        self._ddof = ddof
-        self._n_components = n_components
+        self._fit = FitBasesFn(ddof, n_components, standardize)
         self._moments_fn = BlockMomentsFn(
             spec, missing, dtype, block_rows, batch_blocks, n_shards
         )
@@ -212,7 +227,7 @@ class ComputeBases(beam.PTransform):
             pcoll
             | "BlockMoments" >> beam.ParDo(self._moments_fn)
             | "MergeMoments" >> beam.CombinePerKey(combine)
-            | "FitBases" >> beam.ParDo(FitBasesFn(self._ddof, self._n_components))
+            | "FitBases" >> beam.ParDo(self._fit)
         )
 
 

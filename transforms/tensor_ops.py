@@ -29,19 +29,22 @@ def _block_moments_fn(dtype: tf.DType):
 
     @tf.function(input_signature=spec, reduce_retracing=True)
     def block_moments(blocks, mask):
-        n_rows = tf.reduce_sum(mask, axis=1)
-        mean = tf.reduce_sum(blocks, axis=1) / tf.maximum(n_rows, 1)[:, None]
-        centred = (blocks - mean[:, None, :]) * mask[:, :, None]
+        n_rows = tf.reduce_sum(tf.cast(mask > 0, dtype), axis=1)
+        weight = tf.reduce_sum(mask, axis=1)
+        weight_sq = tf.reduce_sum(mask * mask, axis=1)
+        total = tf.reduce_sum(blocks * mask[:, :, None], axis=1)
+        mean = total / tf.where(weight > 0, weight, tf.ones_like(weight))[:, None]
+        centred = (blocks - mean[:, None, :]) * tf.sqrt(mask)[:, :, None]
         comoment = tf.matmul(centred, centred, transpose_a=True)
-        return n_rows, mean, comoment
+        return n_rows, weight, weight_sq, mean, comoment
 
     return block_moments
 
 
 def block_moments(
     blocks: np.ndarray, mask: np.ndarray, batch_blocks: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row count, mean and centred co-moment of every block.
+) -> tuple[np.ndarray, ...]:
+    """Row count, weight, mean and centred co-moment of every block.
 
     The blocks stream through a ``tf.data`` pipeline in batches of
     ``batch_blocks`` blocks; each batch is one batched matmul.
@@ -49,13 +52,17 @@ def block_moments(
     Args:
         blocks: float32 or float64, shape (n_blocks, block_size, n_features),
             padding rows all 0.
-        mask: same dtype, shape (n_blocks, block_size), 1 for a real row.
+        mask: same dtype, shape (n_blocks, block_size), each row's weight
+            (1 for unweighted rows), 0 for padding.
         batch_blocks: blocks per ``tf.data`` batch.
 
     Returns:
         n_rows: int64, shape (n_blocks,).
-        mean: float64, shape (n_blocks, n_features).
-        comoment: float64, shape (n_blocks, n_features, n_features).
+        weight: float64, shape (n_blocks,), the sum of the weights.
+        weight_sq: float64, shape (n_blocks,), the sum of their squares.
+        mean: float64, shape (n_blocks, n_features), weighted.
+        comoment: float64, shape (n_blocks, n_features, n_features),
+            sum_i w_i (x_i - mean)^T (x_i - mean).
     """
     fn = _block_moments_fn(tf.as_dtype(blocks.dtype))
     dataset = (
@@ -64,35 +71,35 @@ def block_moments(
         .map(fn, num_parallel_calls=1, deterministic=True)
         .prefetch(1)
     )
-    counts, means, comoments = [], [], []
-    for n_rows, mean, comoment in dataset.as_numpy_iterator():
-        counts.append(n_rows)
-        means.append(mean)
-        comoments.append(comoment)
+    outputs = [[] for _ in range(5)]
+    for batch in dataset.as_numpy_iterator():
+        for collected, output in zip(outputs, batch, strict=True):
+            collected.append(output)
     n_features = blocks.shape[2]
-    if not counts:
+    if not outputs[0]:
         return (
             np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros(0),
             np.zeros((0, n_features)),
             np.zeros((0, n_features, n_features)),
         )
-    return (
-        np.rint(np.concatenate(counts)).astype(np.int64),
-        np.concatenate(means).astype(np.float64),
-        np.concatenate(comoments).astype(np.float64),
+    n_rows, weight, weight_sq, mean, comoment = (
+        np.concatenate(collected).astype(np.float64) for collected in outputs
     )
+    return np.rint(n_rows).astype(np.int64), weight, weight_sq, mean, comoment
 
 
 @tf.function(
     input_signature=[
         tf.TensorSpec([None], tf.float64),
         tf.TensorSpec([None, None, None], tf.float64),
-        tf.TensorSpec([], tf.float64),
+        tf.TensorSpec([], tf.bool),
     ],
     reduce_retracing=True,
 )
-def _decompose(n_rows, comoment, ddof):
-    covariance = comoment / (n_rows - ddof)[:, None, None]
+def _decompose(divisor, comoment, standardize):
+    covariance = comoment / divisor[:, None, None]
     covariance = 0.5 * (covariance + tf.linalg.matrix_transpose(covariance))
 
     # Correlation without an epsilon: a zero variance gives NaN, as NumPy's
@@ -110,8 +117,15 @@ def _decompose(n_rows, comoment, ddof):
     diagonal = tf.where(variance > 0, tf.ones_like(variance), nan)
     correlation = tf.linalg.set_diag(correlation, diagonal)
 
+    # Standardised features have the correlation as their covariance; a
+    # constant feature stays 0 after scaling, so its entries are 0, not NaN.
+    scaled = tf.where(
+        tf.math.is_nan(correlation), tf.zeros_like(correlation), correlation
+    )
+    decomposed = tf.where(standardize, scaled, covariance)
+
     # eigh returns ascending eigenvalues with eigenvectors in the columns.
-    eigenvalues, eigenvectors = tf.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = tf.linalg.eigh(decomposed)
     eigenvalues = tf.reverse(eigenvalues, axis=[-1])
     n_clipped = tf.reduce_sum(tf.cast(eigenvalues < 0, tf.int64), axis=-1)
     eigenvalues = tf.maximum(eigenvalues, 0.0)
@@ -131,7 +145,7 @@ def _decompose(n_rows, comoment, ddof):
 
 
 def decompose(
-    n_rows: np.ndarray, comoment: np.ndarray, ddof: int
+    divisor: np.ndarray, comoment: np.ndarray, standardize: bool = False
 ) -> tuple[np.ndarray, ...]:
     """Covariance, correlation and full eigen-decomposition of many groups.
 
@@ -139,17 +153,20 @@ def decompose(
     accuracy is what every output figure rests on.
 
     Args:
-        n_rows: int64, shape (n_groups,), each above ``ddof``.
+        divisor: float64, shape (n_groups,), positive: the covariance is
+            ``comoment / divisor`` (``n_rows - ddof`` for unweighted rows).
         comoment: float64, shape (n_groups, n_features, n_features).
-        ddof: the covariance divisor is ``n_rows - ddof``.
+        standardize: decompose the correlation (PCA of standardised
+            features) instead of the covariance.
 
     Returns:
         covariance: float64, shape (n_groups, n_features, n_features).
         correlation: float64, same shape; NaN in the rows and columns of a
             feature with zero variance.
         components: float64, shape (n_groups, n_features, n_features); row i
-            is the unit eigenvector of the i-th largest eigenvalue, its entry
-            of largest absolute value positive.
+            is the unit eigenvector of the i-th largest eigenvalue (of the
+            covariance, or of the correlation with ``standardize``), its
+            entry of largest absolute value positive.
         explained_variance: float64, shape (n_groups, n_features), the
             eigenvalues in decreasing order, round-off below zero clipped to 0.
         explained_variance_ratio: float64, shape (n_groups, n_features), each
@@ -158,9 +175,9 @@ def decompose(
             made negative, clipped to 0.
     """
     outputs = _decompose(
-        tf.constant(n_rows, tf.float64),
+        tf.constant(divisor, tf.float64),
         tf.constant(comoment, tf.float64),
-        tf.constant(float(ddof), tf.float64),
+        tf.constant(standardize, tf.bool),
     )
     return tuple(output.numpy() for output in outputs)
 

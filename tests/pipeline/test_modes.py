@@ -218,3 +218,84 @@ def test_export_writes_a_saved_model_that_matches_projected(tmp_path, iris):
     # The same float64 math in the same order: 1e-12.
     assert_close(got[:-1], want, rtol=1e-12)
     assert np.isnan(got[-1]).all()
+
+
+def test_weighted_covariance_matches_numpy_aweights(tmp_path):
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=(300, 3)) * [1.0, 4.0, 0.5] + 1e3
+    weights = rng.random(300) * 5
+    weights[:10] = 0.0
+    keys = np.where(np.arange(300) % 3 == 0, "a", "b")
+    columns = {f"f{i}": values[:, i] for i in range(3)}
+    pq.write_table(
+        pa.table(dict(columns, k=keys, w=weights, row_id=np.arange(300))),
+        tmp_path / "in.parquet",
+        row_group_size=37,
+    )
+
+    out = run_stage(
+        tmp_path,
+        input=str(tmp_path / "in.parquet"),
+        key="k",
+        weight="w",
+        passthrough=["row_id"],
+        n_components=2,
+        block_rows=16,
+    )
+
+    table = read_components(out).to_pandas().set_index("k")
+    for key in ("a", "b"):
+        rows = (keys == key) & (weights > 0)
+        expected = np.cov(values[rows], rowvar=False, aweights=weights[rows])
+        mean = np.average(values[rows], axis=0, weights=weights[rows])
+        assert table.loc[key, "n_rows"] == rows.sum()
+        assert_close(np.array(table.loc[key, "covariance"].tolist()), expected, 1e-9)
+        assert_close(np.array(table.loc[key, "mean"].tolist()), mean, 1e-12)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_left_out"] == {"zero_weight": 10}
+    assert summary["rows_projected"] == 290
+
+
+def test_negative_weight_is_a_one_line_error(tmp_path, capsys):
+    table = pa.table(
+        {"x": [1.0, 2.0, 3.0], "y": [1.0, 0.0, 2.0], "w": [1.0, -2.0, 1.0]}
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    config = write_config(
+        tmp_path,
+        input=str(tmp_path / "in.parquet"),
+        weight="w",
+        output_dir=str(tmp_path / "o"),
+        n_components=1,
+    )
+
+    code = main(["--config", str(config), "--log-level", "ERROR"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "weight column 'w'" in err[0] and "-2.0" in err[0]
+
+
+def test_standardize_takes_the_axes_of_the_correlation(tmp_path, iris):
+    out = run_stage(tmp_path, input=str(IRIS), standardize=True, **IRIS_CONFIG)
+
+    table = read_components(out).to_pandas().set_index("species")
+    projected = read_projected(out).to_pandas().set_index("row_id")
+    frame = iris.to_pandas()
+    for species, rows in frame.groupby("species"):
+        x = rows[IRIS_FEATURES].to_numpy()
+        z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=1)
+        expected = oracle(z)
+        assert_close(
+            np.array(table.loc[species, "components"].tolist()),
+            expected["components"][:2],
+            rtol=1e-9,
+        )
+        assert_close(
+            np.array(table.loc[species, "explained_variance"].tolist()),
+            expected["explained_variance"][:2],
+            rtol=1e-9,
+        )
+        want = z @ expected["components"][:2].T
+        got = projected.loc[rows["row_id"], ["pc_1", "pc_2"]].to_numpy()
+        assert_close(got, want, rtol=1e-9)

@@ -16,6 +16,8 @@ def moments_of(keys: list, values: np.ndarray) -> Moments:
     return Moments(
         keys=pa.array(keys),
         n_rows=np.ones(n_rows, np.int64),
+        weight=np.ones(n_rows),
+        weight_sq=np.ones(n_rows),
         shift=values.copy(),
         mean=np.zeros_like(values),
         comoment=np.zeros((n_rows, n_features, n_features)),
@@ -86,6 +88,8 @@ def test_parts_without_rows_are_ignored():
     zero = Moments(
         pa.array(["a"]),
         np.zeros(1, np.int64),
+        np.zeros(1),
+        np.zeros(1),
         np.full((1, 2), 7.0),
         np.full((1, 2), 7.0),
         np.full((1, 2, 2), 7.0),
