@@ -22,6 +22,8 @@ setup(
             "pytest>=8,<10",
             "pandas>=2,<4",
             "scikit-learn>=1.4,<2",
+            # The report's tests draw real figures.
+            "matplotlib>=3.7,<4",
         ],
         # Beam's filesystems and runners for the clouds; nothing else changes.
         "gcp": ["apache-beam[gcp]>=2.60,<2.78"],

@@ -23,6 +23,9 @@ _LOGGER = logging.getLogger(__name__)
 DATASETS = ("components", "projected")
 SUMMARY = "summary.json"
 MODEL = "saved_model"
+# Written by ``python -m pipeline.report`` into the output; it describes one
+# run, so a new run removes it with the rest.
+REPORT = "report.html"
 _STAGING_PREFIX = ".staging-"
 _PREVIOUS_PREFIX = ".previous-"
 
@@ -68,7 +71,7 @@ def children(directory: str) -> list[str]:
 def _is_own(name: str) -> bool:
     return (
         name in DATASETS
-        or name in (SUMMARY, MODEL)
+        or name in (SUMMARY, MODEL, REPORT)
         or name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
     )
 
@@ -127,7 +130,7 @@ def write_summary(directory: str, summary: dict) -> None:
 
 def _move(source: str, destination: str) -> None:
     """Move a file, or a folder of files, to another name."""
-    if FileSystems.get_scheme(source) is None or source.endswith(".json"):
+    if FileSystems.get_scheme(source) is None or source.endswith((".json", ".html")):
         # A local folder moves in one rename: readers see all or nothing.
         FileSystems.rename([source], [destination])
         return
@@ -147,7 +150,8 @@ def commit(output_dir: str, staging: str, names: list[str]) -> None:
     then the old ones deleted, so that no reader sees a mix of two runs.
     """
     previous = staging.replace(_STAGING_PREFIX, _PREVIOUS_PREFIX)
-    old = [name for name in (*DATASETS, SUMMARY, MODEL) if _exists(output_dir, name)]
+    owned = (*DATASETS, SUMMARY, MODEL, REPORT)
+    old = [name for name in owned if _exists(output_dir, name)]
     if old:
         FileSystems.mkdirs(previous)
         for name in old:
