@@ -196,3 +196,12 @@ def test_failure_during_the_run_exits_1_and_writes_nothing(tmp_path, capsys, iri
     assert code == 1, err
     assert len(err) == 1 and err[0].startswith("error: the run failed: ")
     assert not out.exists()
+
+
+def test_a_report_in_output_dir_is_the_stages_own_and_replaced(tmp_path):
+    out = run_stage(tmp_path, **IRIS_CONFIG)
+    (out / "report.html").write_text("<html>old run</html>\n")
+
+    run_stage(tmp_path, **IRIS_CONFIG)
+
+    assert sorted(os.listdir(out)) == ["components", "projected", "summary.json"]
