@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import os
 import platform
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -61,9 +64,25 @@ _OVERRIDES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (and exit status 2)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see python -m pipeline.run --help")
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """The stage's own arguments, and the rest for Beam."""
-    parser = argparse.ArgumentParser(
+    """The stage's own arguments, and the rest for Beam.
+
+    Raises:
+        ConfigError: a flag of the stage has a bad value, or an argument is
+            neither the stage's nor a Beam pipeline option (a typo would
+            otherwise be passed to Beam and ignored).
+    """
+    parser = _Parser(
         prog="python -m pipeline.run",
         description="Per-group covariance, correlation and PCA of Parquet data.",
         epilog="Other arguments are Beam pipeline options, e.g. --runner.",
@@ -77,8 +96,37 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         default=None,
         help="write into an output_dir that holds files this stage did not write",
     )
-    parser.add_argument("--log-level", default="INFO", help="default: INFO")
-    return parser.parse_known_args(argv)
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS
+    )
+    args, rest = parser.parse_known_args(argv)
+    _check_beam_args(rest, parser)
+    return args, rest
+
+
+def _check_beam_args(args: list[str], parser: argparse.ArgumentParser) -> None:
+    known = set(PipelineOptions([]).get_all_options(drop_default=False))
+    ours = [flag for action in parser._actions for flag in action.option_strings]
+    # A remote runner may register options of its own (Flink's, Spark's) that
+    # are not loaded here; with one, only dashed names (the stage's style,
+    # never Beam's) are checked.
+    runner = PipelineOptions(args).view_as(StandardOptions).runner
+    local = _local_runner(runner) is not None
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name in known or not (local or "-" in name):
+            continue
+        close = difflib.get_close_matches(
+            f"--{name}", ours + [f"--{k}" for k in known], n=1
+        )
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        msg = (
+            f"argument --{name} is neither the stage's nor a Beam pipeline "
+            f"option{hint}; see python -m pipeline.run --help"
+        )
+        raise ConfigError(msg)
 
 
 def _counters(result) -> dict[str, int]:
@@ -160,11 +208,12 @@ def run(config: Config, beam_args: list[str]) -> dict:
         )
         raise ConfigError(msg)
     fitted = None if fits else fitted_components(config, spec)
-    created = output.check_output_dir(config.output_dir, config.overwrite)
+    if spec.n_rows == 0:
+        _LOGGER.warning("The input has no rows: the datasets will be empty")
 
-    staging = output.staging_dir(config.output_dir, uuid.uuid4().hex[:12])
     # TensorFlow loads here, after the config and the footers were checked,
-    # so that a bad setting is reported in a second rather than ten.
+    # so that a bad setting is reported in a second rather than ten, and
+    # before output_dir is touched, so that an interrupt leaves nothing.
     from pipeline import graph
     from transforms import pca
 
@@ -177,47 +226,53 @@ def run(config: Config, beam_args: list[str]) -> dict:
             except TypeError as exc:
                 raise ConfigError(f"export=true: {exc}") from exc
 
+    created = output.check_output_dir(config.output_dir, config.overwrite)
+    staging = output.staging_dir(config.output_dir, uuid.uuid4().hex[:12])
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
     _LOGGER.info("Running %s on %s", config.mode, runner or "DirectRunner")
     counts: dict[str, int] = {}
     names = [output.SUMMARY]
     try:
-        if fits:
-            counts = _run_pipeline(
-                options, runner, graph.build_fit, config, spec, staging
-            )
-            fitted = FileSystems.join(staging, "components")
-            names.append("components")
-            _LOGGER.info("Fit done: %d groups", counts.get(counters.GROUPS_WRITTEN, 0))
-        if config.mode != "fit":
-            n_columns = _widest_basis(fitted)
-            if fits and isinstance(config.n_components, int):
-                n_columns = config.n_components
-            projected = _run_pipeline(
-                options,
-                runner,
-                graph.build_transform,
-                config,
-                spec,
-                fitted,
-                n_columns,
-                staging,
-            )
-            for name, value in projected.items():
-                counts[name] = counts.get(name, 0) + value
-            names.append("projected")
-        if config.export:
-            bases = pca.table_to_bases(read_dataset(fitted), spec.key, n_features)
-            model = FileSystems.join(staging, output.MODEL)
-            export.export_saved_model(
-                bases, spec.key, list(spec.features), model, whiten=config.whiten
-            )
-            names.append(output.MODEL)
-            _LOGGER.info("Exported the bases as a SavedModel")
-        summary = make_summary(config, counts, time.monotonic() - started)
-        output.write_summary(staging, summary)
-        output.commit(config.output_dir, staging, names)
+        with output.RunLock(config.output_dir):
+            output.clean_leftovers(config.output_dir)
+            if fits:
+                counts = _run_pipeline(
+                    options, runner, graph.build_fit, config, spec, staging
+                )
+                fitted = FileSystems.join(staging, "components")
+                names.append("components")
+                _LOGGER.info(
+                    "Fit done: %d groups", counts.get(counters.GROUPS_WRITTEN, 0)
+                )
+            if config.mode != "fit":
+                n_columns = _widest_basis(fitted)
+                if fits and isinstance(config.n_components, int):
+                    n_columns = config.n_components
+                projected = _run_pipeline(
+                    options,
+                    runner,
+                    graph.build_transform,
+                    config,
+                    spec,
+                    fitted,
+                    n_columns,
+                    staging,
+                )
+                for name, value in projected.items():
+                    counts[name] = counts.get(name, 0) + value
+                names.append("projected")
+            if config.export:
+                bases = pca.table_to_bases(read_dataset(fitted), spec.key, n_features)
+                model = FileSystems.join(staging, output.MODEL)
+                export.export_saved_model(
+                    bases, spec.key, list(spec.features), model, whiten=config.whiten
+                )
+                names.append(output.MODEL)
+                _LOGGER.info("Exported the bases as a SavedModel")
+            summary = make_summary(config, counts, time.monotonic() - started)
+            output.write_summary(staging, summary)
+            output.commit(config.output_dir, staging, names)
     except BaseException:
         output.discard([staging])
         if created and not output.children(config.output_dir):
@@ -254,6 +309,15 @@ def fitted_components(config: Config, spec) -> str:
     nested = FileSystems.join(folder, "components")
     if FileSystems.exists(nested):
         folder = nested
+    if os.path.normpath(os.path.dirname(folder.rstrip("/"))) == os.path.normpath(
+        config.output_dir
+    ):
+        msg = (
+            f"output_dir={config.output_dir!r} holds the components this run "
+            "projects with, and a run replaces all of its output_dir; write the "
+            "transform's output to another folder"
+        )
+        raise ConfigError(msg)
     try:
         first = list_files(FileSystems.join(folder, "*.parquet"))[0]
     except StageError as exc:
@@ -398,12 +462,26 @@ def failure_message(exc: BaseException) -> str:
     text = re.sub(r"\s*\[while running '[^']+'\]", "", text)
     text = " ".join(text.split())
     where = f" (in step {step.group(1)!r})" if step else ""
+    if step and "ReadParquet" in step.group(1):
+        where += "; a file of the input has unreadable data pages"
     return f"{type(exc).__name__}: {text}{where}"
 
 
+def _stop_on_sigterm(signum, frame):
+    # A scheduler's SIGTERM unwinds like Ctrl-C: staging is removed and the
+    # previous output stays.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, beam_args = parse_args(argv)
+    try:
+        args, beam_args = parse_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
         for flag in _OVERRIDES
@@ -412,7 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_module.load(args.config, overrides)
         run(config, beam_args)
+    except KeyboardInterrupt:
+        print("error: interrupted; output_dir is as it was", file=sys.stderr)
+        return 130
     except Exception as exc:
+        if "KeyboardInterrupt" in str(exc):
+            print("error: interrupted; output_dir is as it was", file=sys.stderr)
+            return 130
         message = stage_error_message(exc)
         if message is not None:
             print(f"error: {message}", file=sys.stderr)

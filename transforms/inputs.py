@@ -91,7 +91,8 @@ def list_files(pattern: str) -> list[str]:
     if not paths:
         msg = (
             f"input={pattern!r} matches no file; expected a Parquet file, a "
-            "directory of them or a glob such as 'data/*.parquet'"
+            "directory of them or a glob such as 'data/*.parquet' (sub-folders "
+            "are not read: 'data/*/*.parquet' reads one level down)"
         )
         raise InputError(msg)
     return paths
@@ -106,7 +107,11 @@ def read_footer(path: str) -> InputFile:
             metadata = pq.ParquetFile(f).metadata
             return InputFile(path, metadata.num_rows, metadata.schema.to_arrow_schema())
     except (pa.ArrowException, OSError) as exc:
-        msg = f"{path} is not a readable Parquet file ({exc})"
+        msg = (
+            f"{path} is not a readable Parquet file ({exc}); a folder input "
+            "reads every file in it but those starting with _ or ., so give a "
+            "glob such as 'folder/*.parquet' to pick some"
+        )
         raise InputError(msg) from exc
 
 
@@ -334,6 +339,9 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
         if keys.type != spec.key_type:
             keys = pc.cast(keys, spec.key_type)
         usable = keys.is_valid().to_numpy(zero_copy_only=False)
+        if pa.types.is_floating(keys.type):
+            # A NaN or infinite key is as missing as a null one.
+            usable &= np.isfinite(keys.to_numpy(zero_copy_only=False))
         _check_missing(missing, usable, spec.key, source)
         kept &= usable
     else:

@@ -27,6 +27,7 @@ MODEL = "saved_model"
 # run, so a new run removes it with the rest.
 REPORT = "report.html"
 _STAGING_PREFIX = ".staging-"
+_LOCK = ".stage.lock"
 _PREVIOUS_PREFIX = ".previous-"
 
 
@@ -72,6 +73,7 @@ def _is_own(name: str) -> bool:
     return (
         name in DATASETS
         or name in (SUMMARY, MODEL, REPORT)
+        or name == _LOCK
         or name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
     )
 
@@ -79,15 +81,16 @@ def _is_own(name: str) -> bool:
 def check_output_dir(output_dir: str, overwrite: bool) -> bool:
     """Refuse an output folder that holds files this stage did not write.
 
-    Leftovers of killed runs (staging folders) are removed.
-
     Returns:
         Whether the folder was created here (a failed run removes it again).
 
     Raises:
-        InputError: a foreign file is there and ``overwrite`` is False, or the
-            folder cannot be written.
+        InputError: the path is a file, a foreign file is there and
+            ``overwrite`` is False, or the folder cannot be written.
     """
+    if FileSystems.get_scheme(output_dir) is None and os.path.isfile(output_dir):
+        msg = f"output_dir={output_dir!r} is a file; expected a folder"
+        raise InputError(msg)
     entries = [os.path.basename(path.rstrip("/")) for path in children(output_dir)]
     foreign = [name for name in entries if not _is_own(name)]
     if foreign and not overwrite:
@@ -97,14 +100,6 @@ def check_output_dir(output_dir: str, overwrite: bool) -> bool:
             "--overwrite to write beside them"
         )
         raise InputError(msg)
-    stale = [
-        FileSystems.join(output_dir, name)
-        for name in entries
-        if name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
-    ]
-    if stale:
-        _LOGGER.warning("Removing %d leftover(s) of earlier runs", len(stale))
-        FileSystems.delete(stale)
     created = not FileSystems.exists(output_dir)
     try:
         FileSystems.mkdirs(output_dir)
@@ -120,6 +115,90 @@ def check_output_dir(output_dir: str, overwrite: bool) -> bool:
         msg = f"output_dir={output_dir!r} is not writable: {exc}"
         raise InputError(msg) from exc
     return created
+
+
+def clean_leftovers(output_dir: str) -> None:
+    """Clean up after killed runs; call it holding the ``RunLock``.
+
+    Outputs that a run killed mid-commit had moved aside but not replaced
+    are moved back; staging folders are removed.
+    """
+    entries = [os.path.basename(path.rstrip("/")) for path in children(output_dir)]
+    for name in entries:
+        if name.startswith(_PREVIOUS_PREFIX):
+            _restore(output_dir, FileSystems.join(output_dir, name))
+    stale = [
+        FileSystems.join(output_dir, name)
+        for name in entries
+        if name.startswith((_STAGING_PREFIX, _PREVIOUS_PREFIX))
+    ]
+    stale = [path for path in stale if FileSystems.exists(path)]
+    if stale:
+        _LOGGER.warning("Removing %d leftover(s) of earlier runs", len(stale))
+        FileSystems.delete(stale)
+
+
+def _restore(output_dir: str, previous: str) -> None:
+    """Move back outputs that a run killed mid-commit had moved aside."""
+    for path in children(previous):
+        name = os.path.basename(path.rstrip("/"))
+        if not _exists(output_dir, name):
+            _LOGGER.warning("Restoring %s of the last good run", name)
+            _move(path.rstrip("/"), FileSystems.join(output_dir, name))
+
+
+class RunLock:
+    """One run at a time in a local output_dir: a lock file with the PID.
+
+    A lock whose process no longer runs (a killed run) is taken over. Object
+    stores get no lock: schedule runs into one output_dir one at a time.
+
+    Raises:
+        InputError: on entry, when another live run holds the lock.
+    """
+
+    def __init__(self, output_dir: str):
+        self._path = None
+        if FileSystems.get_scheme(output_dir) is None:
+            self._path = os.path.join(output_dir, _LOCK)
+
+    def __enter__(self) -> RunLock:
+        if self._path is None:
+            return self
+        for _ in range(2):
+            try:
+                fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _lock_holder(self._path)
+                if holder is not None:
+                    msg = (
+                        f"output_dir={os.path.dirname(self._path)!r} is being "
+                        f"written by another run (process {holder}); wait for it "
+                        "or choose another output_dir"
+                    )
+                    raise InputError(msg) from None
+                os.remove(self._path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        msg = f"cannot take the lock {self._path}; remove it if no run is going on"
+        raise InputError(msg)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._path is not None and os.path.exists(self._path):
+            os.remove(self._path)
+
+
+def _lock_holder(path: str) -> int | None:
+    """The PID in a lock file if that process still runs, else None."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() else None
 
 
 def write_summary(directory: str, summary: dict) -> None:
