@@ -1,0 +1,1 @@
+"""Benchmarks of the feature stage against what a user would write instead."""
