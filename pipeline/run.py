@@ -188,11 +188,17 @@ def run(config: Config, beam_args: list[str]) -> dict:
     started = time.monotonic()
     config = absolute_paths(config)
     fits = config.mode in ("fit_transform", "fit")
+    features = list(config.features) if config.features is not None else None
+    if not fits:
+        fitted, fit = read_fit(config)
+        # A transform takes the fit's features unless told otherwise.
+        if features is None:
+            features = fit.get("features")
     # Weights matter to the fit only; a transform does not read them.
     spec = scan_inputs(
         config.input,
         config.key,
-        list(config.features) if config.features is not None else None,
+        features,
         list(config.passthrough),
         config.weight if fits else None,
     )
@@ -207,7 +213,10 @@ def run(config: Config, beam_args: list[str]) -> dict:
             f"n_features={n_features}"
         )
         raise ConfigError(msg)
-    fitted = None if fits else fitted_components(config, spec)
+    if fits:
+        fitted = None
+    else:
+        check_fit(fitted, fit, config, spec)
     if spec.n_rows == 0:
         _LOGGER.warning("The input has no rows: the datasets will be empty")
 
@@ -297,13 +306,12 @@ def absolute_paths(config: Config) -> Config:
     return dataclasses.replace(config, **changes)
 
 
-def fitted_components(config: Config, spec) -> str:
-    """The components folder that ``mode: transform`` projects with, checked.
+def read_fit(config: Config) -> tuple[str, dict]:
+    """The components folder ``mode: transform`` projects with, and its fit.
 
     Raises:
-        ConfigError: the folder holds no components dataset, or its fit does
-            not match this config and input (features and their order, key
-            and its type, ddof, dtype).
+        ConfigError: the folder holds no components dataset, or it is inside
+            this run's output_dir.
     """
     folder = config.components
     nested = FileSystems.join(folder, "components")
@@ -324,7 +332,16 @@ def fitted_components(config: Config, spec) -> str:
         msg = f"components={config.components!r} holds no components dataset"
         raise ConfigError(msg) from exc
     metadata = read_footer(first).schema.metadata or {}
-    fit = json.loads(metadata.get(b"fit", b"{}"))
+    return folder, json.loads(metadata.get(b"fit", b"{}"))
+
+
+def check_fit(folder: str, fit: dict, config: Config, spec) -> None:
+    """Refuse bases whose fit does not match this config and input.
+
+    Raises:
+        ConfigError: features and their order, key and its type, ddof, dtype
+            or standardize differ.
+    """
     expected = {
         "features": list(spec.features),
         "key": spec.key,
@@ -340,7 +357,6 @@ def fitted_components(config: Config, spec) -> str:
                 f"but this run has {name}={value!r}; fit again or make them match"
             )
             raise ConfigError(msg)
-    return folder
 
 
 def _run_pipeline(options, runner, build, *args) -> dict[str, int]:

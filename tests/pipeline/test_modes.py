@@ -299,3 +299,21 @@ def test_standardize_takes_the_axes_of_the_correlation(tmp_path, iris):
         want = z @ expected["components"][:2].T
         got = projected.loc[rows["row_id"], ["pc_1", "pc_2"]].to_numpy()
         assert_close(got, want, rtol=1e-9)
+
+
+def test_transform_takes_the_fits_features_when_none_are_given(tmp_path, halves):
+    folder, _, _ = halves
+    fitted = run_stage(
+        tmp_path / "fit", input=str(folder / "fit.parquet"), mode="fit", **IRIS_CONFIG
+    )
+    settings = {k: v for k, v in IRIS_CONFIG.items() if k != "features"}
+
+    applied = run_stage(
+        tmp_path / "apply",
+        input=str(folder / "new.parquet"),
+        mode="transform",
+        components=str(fitted),
+        **settings,
+    )
+
+    assert read_projected(applied).num_rows == 75
