@@ -296,6 +296,18 @@ class Batch:
     n_zero_weight: int = 0
 
 
+# Values (rows * features) of one slice: a Parquet row group of 262,144 rows
+# of 256 features would otherwise be padded, copied and multiplied whole.
+SLICE_VALUES = 2**22
+
+
+def slices(table: pa.Table, n_features: int):
+    """(first row, table slice) pairs of at most SLICE_VALUES values each."""
+    step = max(1024, SLICE_VALUES // max(1, n_features))
+    for start in range(0, max(table.num_rows, 1), step):
+        yield start, table.slice(start, step)
+
+
 def column_array(table: pa.Table, name: str) -> pa.Array:
     """One column as a single array of its value type (see ``_value_type``)."""
     array = table.column(name).combine_chunks()
@@ -305,7 +317,9 @@ def column_array(table: pa.Table, name: str) -> pa.Array:
     return array if array.type == value_type else array.cast(value_type)
 
 
-def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -> Batch:
+def prepare_batch(
+    table: pa.Table, spec: InputSpec, missing: str, source: str, first_row: int = 0
+) -> Batch:
     """Keys and float64 features of a batch, with unusable rows left out.
 
     Args:
@@ -314,6 +328,7 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
         missing: "drop" to leave out a row with a missing key or feature,
             "error" to stop at the first.
         source: the file the batch comes from, for messages.
+        first_row: the batch's first row within its Parquet row group.
 
     Returns:
         The kept rows.
@@ -330,7 +345,7 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
         column = values.to_numpy(zero_copy_only=False)
         # Nulls come out as NaN; infinity is no number either.
         usable = np.isfinite(column)
-        _check_missing(missing, usable, name, source)
+        _check_missing(missing, usable, name, source, first_row)
         kept &= usable
         columns.append(column)
 
@@ -342,7 +357,7 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
         if pa.types.is_floating(keys.type):
             # A NaN or infinite key is as missing as a null one.
             usable &= np.isfinite(keys.to_numpy(zero_copy_only=False))
-        _check_missing(missing, usable, spec.key, source)
+        _check_missing(missing, usable, spec.key, source, first_row)
         kept &= usable
     else:
         keys = pa.array(np.zeros(n_rows, np.int8))
@@ -352,14 +367,14 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
         weights = pc.cast(column_array(table, spec.weight), pa.float64(), safe=False)
         weights = weights.to_numpy(zero_copy_only=False)
         usable = np.isfinite(weights)
-        _check_missing(missing, usable, spec.weight, source)
+        _check_missing(missing, usable, spec.weight, source, first_row)
         negative = usable & (weights < 0)
         if negative.any():
             row = int(np.flatnonzero(negative)[0])
             msg = (
                 f"weight column {spec.weight!r} of {source} has a negative value "
-                f"({weights[row]}) in row {row} of its batch; weights must be 0 "
-                "or more"
+                f"({weights[row]}) in row {first_row + row} of its row group; "
+                "weights must be 0 or more"
             )
             raise InputError(msg)
         kept &= usable
@@ -379,12 +394,14 @@ def prepare_batch(table: pa.Table, spec: InputSpec, missing: str, source: str) -
     return Batch(keys, values, kept, n_missing, weights, n_zero_weight)
 
 
-def _check_missing(missing: str, usable: np.ndarray, name: str, source: str) -> None:
+def _check_missing(
+    missing: str, usable: np.ndarray, name: str, source: str, first_row: int
+) -> None:
     if missing == "error" and not usable.all():
-        row = int(np.flatnonzero(~usable)[0])
+        row = first_row + int(np.flatnonzero(~usable)[0])
         msg = (
             f"column {name!r} of {source} has a missing value (null, NaN or "
-            f"infinity) in row {row} of its batch; set missing: drop to leave "
-            "such rows out"
+            f"infinity) in row {row} of its row group; set missing: drop to "
+            "leave such rows out"
         )
         raise InputError(msg)

@@ -11,7 +11,13 @@ from apache_beam.metrics import Metrics
 
 from transforms import counters as c
 from transforms import pca
-from transforms.inputs import InputSpec, column_array, prepare_batch, read_dataset
+from transforms.inputs import (
+    InputSpec,
+    column_array,
+    prepare_batch,
+    read_dataset,
+    slices,
+)
 from transforms.progress import Progress
 
 
@@ -110,8 +116,12 @@ class ProjectFn(beam.DoFn):
 
     def process(self, element):
         source, table = element
+        for first_row, part in slices(table, len(self._spec.features)):
+            yield from self._project(source, part, first_row)
+
+    def _project(self, source, table, first_row):
         bases = self._bases
-        batch = prepare_batch(table, self._spec, self._missing, source)
+        batch = prepare_batch(table, self._spec, self._missing, source, first_row)
         group = pca.lookup_groups(bases, batch.keys)
         has_basis = group >= 0
         group = group[has_basis]

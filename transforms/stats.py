@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import blocks, pca
 from transforms import counters as c
-from transforms.inputs import InputSpec, prepare_batch
+from transforms.inputs import InputSpec, prepare_batch, slices
 from transforms.progress import Progress
 
 _LOGGER = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ class BlockMomentsFn(beam.DoFn):
 
     def process(self, element):
         source, table = element
-        batch = prepare_batch(table, self._spec, self._missing, source)
+        for first_row, part in slices(table, len(self._spec.features)):
+            yield from self._moments(source, part, first_row)
+
+    def _moments(self, source, table, first_row):
+        batch = prepare_batch(table, self._spec, self._missing, source, first_row)
         self._rows_read.inc(table.num_rows)
         self._progress.add(table.num_rows)
         if batch.n_missing:
@@ -124,10 +128,11 @@ class MomentsCombineFn(beam.CombineFn):
 
     The accumulator is a short list of ``Moments`` folded into one whenever it
     grows past ``fold_every`` parts, so that a merge is one vectorised pass
-    over many parts rather than one pass per part.
+    over several parts rather than one pass per part. Kept short: with a
+    million groups each pending part holds a batch's worth of them.
     """
 
-    def __init__(self, key_type: pa.DataType, n_features: int, fold_every: int = 32):
+    def __init__(self, key_type: pa.DataType, n_features: int, fold_every: int = 4):
         self._key_type = key_type
         self._n_features = n_features
         self._fold_every = fold_every

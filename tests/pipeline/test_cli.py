@@ -120,7 +120,9 @@ def test_missing_value_with_policy_error_names_column(tmp_path, capsys):
         n_components=1,
     )
 
-    assert_one_line_error(code, lines, "'a'", "in.parquet", "row 2", "missing: drop")
+    assert_one_line_error(
+        code, lines, "'a'", "in.parquet", "row 2 of its row group", "missing: drop"
+    )
     assert not (tmp_path / "out" / "components").exists()
 
 

@@ -134,3 +134,42 @@ def test_nan_and_infinite_keys_are_missing_values(tmp_path):
     assert sorted(read_components(out).column("k").to_pylist()) == [0.0, 1.0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_left_out"] == {"missing_value": 2}
+
+
+def test_row_groups_are_cut_into_slices_without_changing_results(
+    tmp_path, monkeypatch, capsys
+):
+    from transforms import inputs
+
+    rng = np.random.default_rng(8)
+    values = rng.normal(size=(5000, 4)) * [1.0, 2.0, 3.0, 4.0]
+    keys = rng.integers(0, 7, size=5000)
+    columns = {f"f{i}": values[:, i] for i in range(4)}
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table(dict(columns, k=keys, row_id=np.arange(5000))), path)
+    settings = {"input": str(path), "key": "k", "passthrough": ["row_id"]}
+    whole = run_stage(tmp_path / "whole", **settings)
+
+    monkeypatch.setattr(inputs, "SLICE_VALUES", 4096)
+    sliced = run_stage(tmp_path / "sliced", **settings)
+
+    a = read_components(whole).to_pandas()
+    b = read_components(sliced).to_pandas()
+    np.testing.assert_array_equal(a["n_rows"], b["n_rows"])
+    for name in ("mean", "covariance", "components"):
+        np.testing.assert_allclose(
+            np.stack(a[name].map(lambda v: np.array(v.tolist(), dtype=float))),
+            np.stack(b[name].map(lambda v: np.array(v.tolist(), dtype=float))),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+    assert read_projected(sliced).num_rows == 5000
+
+    values[3000, 2] = np.nan
+    columns = {f"f{i}": values[:, i] for i in range(4)}
+    pq.write_table(pa.table(dict(columns, k=keys, row_id=np.arange(5000))), path)
+    config = write_config(
+        tmp_path / "err", missing="error", output_dir=str(tmp_path / "o"), **settings
+    )
+    assert main(["--config", str(config), "--log-level", "CRITICAL"]) == 2
+    assert "row 3000 of its row group" in capsys.readouterr().err
