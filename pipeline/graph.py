@@ -11,6 +11,8 @@ exact schema. Neither pipeline holds the rows while the other runs.
 from __future__ import annotations
 
 import apache_beam as beam
+import pyarrow as pa
+from apache_beam import typehints
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadAllFromParquetBatched
 
@@ -29,7 +31,9 @@ def read_batches(pipeline: beam.Pipeline, spec: InputSpec):
         pipeline
         | "ListFiles" >> beam.Create([file.path for file in spec.files])
         | "ReadParquet"
-        >> ReadAllFromParquetBatched(columns=spec.columns, with_filename=True)
+        >> ReadAllFromParquetBatched(
+            columns=spec.columns, with_filename=True
+        ).with_output_types(typehints.Tuple[str, pa.Table])
     )
 
 
@@ -70,8 +74,11 @@ def build_fit(pipeline: beam.Pipeline, config: Config, spec: InputSpec, staging:
     _ = (
         bases
         | "AllBases"
-        >> beam.CombineGlobally(ConcatBasesFn(spec.key_type, len(spec.features), width))
-        | "ComponentsTable" >> beam.Map(pca.bases_to_table, schema=schema)
+        >> beam.CombineGlobally(
+            ConcatBasesFn(spec.key_type, len(spec.features), width)
+        ).with_output_types(pca.Bases)
+        | "ComponentsTable"
+        >> beam.Map(pca.bases_to_table, schema=schema).with_output_types(pa.Table)
         | "WriteComponents"
         >> WriteDataset(FileSystems.join(staging, "components"), schema)
     )
@@ -104,13 +111,12 @@ def build_transform(
         schema,
         config.missing,
         config.dtype,
-        config.block_rows,
         outputs,
         count_input=config.mode == "transform",
     )
     _ = (
         read_batches(pipeline, spec)
-        | "Project" >> beam.ParDo(project)
+        | "Project" >> beam.ParDo(project).with_output_types(pa.Table)
         | "WriteProjected"
         >> WriteDataset(FileSystems.join(staging, "projected"), schema)
     )

@@ -296,38 +296,6 @@ def lookup_groups(bases: Bases, keys: pa.Array) -> np.ndarray:
     return index.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _per_group_matmul(
-    bases: Bases,
-    group: np.ndarray,
-    rows: np.ndarray,
-    offsets: np.ndarray,
-    matrices: np.ndarray,
-    transpose_b: bool,
-    dtype: str,
-    block_rows: int,
-) -> np.ndarray:
-    """(rows - offsets[group]) @ matrices[group] for every row, by blocks.
-
-    Rows are packed into padded blocks by group so that one batched matmul
-    multiplies each block by its own group's matrix.
-    """
-    width = matrices.shape[1] if transpose_b else matrices.shape[2]
-    if len(group) == 0:
-        return np.zeros((0, width))
-
-    size = blocks.choose_block_size(group, block_rows)
-    layout = blocks.layout_blocks(group, bases.n_groups, size)
-    padded, _ = blocks.fill_blocks(
-        rows, layout, offsets[layout.block_group], NP_DTYPES[dtype]
-    )
-    per_block = matrices[layout.block_group].astype(NP_DTYPES[dtype])
-    product = tensor_ops.block_matmul(padded, per_block, transpose_b)
-
-    out = np.empty((len(group), width))
-    out[layout.order] = product[layout.block, layout.slot]
-    return out
-
-
 def feature_scale(bases: Bases) -> np.ndarray:
     """Each group's feature deviations, by which rows are standardised.
 
@@ -347,7 +315,6 @@ def project_rows(
     group: np.ndarray,
     values: np.ndarray,
     dtype: str,
-    block_rows: int,
     scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Project rows onto their group's basis: ((x - mean) / scale) @ components.T.
@@ -357,7 +324,6 @@ def project_rows(
         group: int64, shape (n_rows,), index into ``bases`` of each row's group.
         values: float64, shape (n_rows, n_features).
         dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
-        block_rows: most rows in one block.
         scale: float64, shape (n_groups, n_features), from ``feature_scale``;
             None for no scaling.
 
@@ -368,8 +334,8 @@ def project_rows(
     axes = bases.components
     if scale is not None:
         axes = axes / scale[:, None, :]
-    return _per_group_matmul(
-        bases, group, values, bases.mean, axes, True, dtype, block_rows
+    return tensor_ops.gathered_matmul(
+        values, group, bases.mean, axes.astype(NP_DTYPES[dtype]), transpose_b=True
     )
 
 
@@ -378,7 +344,6 @@ def reconstruct_rows(
     group: np.ndarray,
     scores: np.ndarray,
     dtype: str,
-    block_rows: int,
     scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows rebuilt from their (unwhitened) scores: mean + scores @ components.
@@ -388,7 +353,6 @@ def reconstruct_rows(
         group: int64, shape (n_rows,), index into ``bases`` of each row's group.
         scores: float64, shape (n_rows, n_components), from ``project_rows``.
         dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
-        block_rows: most rows in one block.
         scale: as for ``project_rows``; the rebuilt rows are scaled back.
 
     Returns:
@@ -398,8 +362,8 @@ def reconstruct_rows(
     axes = bases.components
     if scale is not None:
         axes = axes * scale[:, None, :]
-    product = _per_group_matmul(
-        bases, group, scores, zero, axes, False, dtype, block_rows
+    product = tensor_ops.gathered_matmul(
+        scores, group, zero, axes.astype(NP_DTYPES[dtype])
     )
     return product + bases.mean[group]
 

@@ -79,7 +79,6 @@ class ProjectFn(beam.DoFn):
         schema: pa.Schema,
         missing: str,
         dtype: str,
-        block_rows: int,
         outputs: Outputs = Outputs(),
         count_input: bool = False,
     ):
@@ -88,7 +87,6 @@ class ProjectFn(beam.DoFn):
         self._schema = schema
         self._missing = missing
         self._dtype = dtype
-        self._block_rows = block_rows
         self._outputs = outputs
         self._count_input = count_input
         self._rows_projected = Metrics.counter(c.NAMESPACE, c.ROWS_PROJECTED)
@@ -127,7 +125,7 @@ class ProjectFn(beam.DoFn):
         group = group[has_basis]
         values = batch.values[has_basis]
         scores = pca.project_rows(
-            bases, group, values, self._dtype, self._block_rows, self._feature_scale
+            bases, group, values, self._dtype, self._feature_scale
         )
         rows = np.flatnonzero(batch.kept)[has_basis]
 
@@ -165,7 +163,6 @@ class ProjectFn(beam.DoFn):
                 group,
                 scores,
                 self._dtype,
-                self._block_rows,
                 self._feature_scale,
             )
             if self._outputs.reconstruction_error:

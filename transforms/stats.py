@@ -18,14 +18,17 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam import typehints
 from apache_beam.metrics import Metrics
 
-from transforms import blocks, pca
+from transforms import blocks, coders, pca
 from transforms import counters as c
 from transforms.inputs import InputSpec, prepare_batch, slices
 from transforms.progress import Progress
 
 _LOGGER = logging.getLogger(__name__)
+
+coders.register(blocks.Moments, pca.Bases)
 
 
 def shard_index(keys: pa.Array, n_shards: int) -> np.ndarray:
@@ -140,6 +143,9 @@ class MomentsCombineFn(beam.CombineFn):
     def create_accumulator(self) -> list[blocks.Moments]:
         return []
 
+    def get_accumulator_coder(self):
+        return beam.coders.ListCoder(coders.BatchCoder())
+
     def add_input(self, accumulator, element):
         accumulator.append(element)
         if len(accumulator) >= self._fold_every:
@@ -228,11 +234,12 @@ class ComputeBases(beam.PTransform):
 
     def expand(self, pcoll):
         combine = MomentsCombineFn(self._spec.key_type, len(self._spec.features))
+        sharded = typehints.Tuple[int, blocks.Moments]
         return (
             pcoll
-            | "BlockMoments" >> beam.ParDo(self._moments_fn)
-            | "MergeMoments" >> beam.CombinePerKey(combine)
-            | "FitBases" >> beam.ParDo(self._fit)
+            | "BlockMoments" >> beam.ParDo(self._moments_fn).with_output_types(sharded)
+            | "MergeMoments" >> beam.CombinePerKey(combine).with_output_types(sharded)
+            | "FitBases" >> beam.ParDo(self._fit).with_output_types(pca.Bases)
         )
 
 
@@ -245,6 +252,9 @@ class ConcatBasesFn(beam.CombineFn):
 
     def create_accumulator(self) -> list[pca.Bases]:
         return []
+
+    def get_accumulator_coder(self):
+        return beam.coders.ListCoder(coders.BatchCoder())
 
     def add_input(self, accumulator, element):
         accumulator.append(element)

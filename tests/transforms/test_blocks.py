@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.helpers import assert_close
 from transforms import blocks
 from transforms.blocks import Moments
 
@@ -134,10 +135,29 @@ def test_layout_puts_every_row_in_one_slot_of_its_group(block_size):
 
 def test_block_size_holds_most_groups_whole_within_bounds():
     sizes = np.repeat(np.arange(10), [100] * 9 + [5])
-    assert blocks.choose_block_size(sizes, 1024) == 128
+    assert blocks.choose_block_size(sizes, 1024) == 104
     assert blocks.choose_block_size(np.arange(10), 1024) == 8
     assert blocks.choose_block_size(np.zeros(10**5, np.int64), 256) == 256
     assert blocks.choose_block_size(np.zeros(0, np.int64), 1024) == 8
+
+
+def test_segment_sums_match_reduceat():
+    rng = np.random.default_rng(12)
+    for _ in range(100):
+        n = int(rng.integers(1, 80))
+        group = np.sort(rng.integers(0, int(rng.integers(1, 25)), n))
+        starts = blocks.segment_starts(group)
+        matrices = rng.normal(size=(n, 3, 2))
+        counts = rng.integers(0, 9, n)
+        # Sums of real numbers may round differently in another order.
+        assert_close(
+            blocks.segment_sums(matrices, starts),
+            np.add.reduceat(matrices, starts),
+            rtol=1e-14,
+        )
+        assert np.array_equal(
+            blocks.segment_sums(counts, starts), np.add.reduceat(counts, starts)
+        )
 
 
 def test_merge_of_mixed_single_and_repeated_keys():

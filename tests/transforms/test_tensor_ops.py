@@ -61,7 +61,7 @@ def test_sign_rule_makes_the_largest_entry_positive():
         assert (largest > 0).all()
 
 
-def test_projection_of_blocks_matches_numpy():
+def test_projection_by_gathered_bases_matches_numpy():
     rng = np.random.default_rng(5)
     values = rng.normal(size=(100, 4))
     group = rng.integers(0, 3, size=100)
@@ -69,7 +69,7 @@ def test_projection_of_blocks_matches_numpy():
     bases, _ = pca.fit_bases(moments, ddof=1, n_components=3)
 
     index = pca.lookup_groups(bases, pa.array(group))
-    scores = pca.project_rows(bases, index, values, "float64", block_rows=8)
+    scores = pca.project_rows(bases, index, values, "float64")
 
     for g in range(3):
         rows = values[group == g]
