@@ -213,35 +213,13 @@ def _fold(group: np.ndarray, parts: dict) -> tuple[np.ndarray, dict]:
     return group[starts], merged
 
 
-def choose_block_size(group: np.ndarray, block_rows: int) -> int:
-    """Rows per block for one batch of input: fixed within the batch.
-
-    The smallest multiple of 8 that holds nine groups in ten whole, between 8
-    and ``block_rows``: most groups then fill one block, so their moments need
-    no merge, and little of a block is padding. (Rounding up to a power of
-    two instead padded 262,144 rows in 10,000 groups to 640,000 rows; a
-    multiple of 8 pads them to 400,000.) Results do not depend on it; only
-    padding waste and the number of blocks do.
-
-    Args:
-        group: int64, shape (n_rows,), the group index of every row.
-        block_rows: the largest block allowed.
-    """
-    sizes = np.bincount(group)
-    sizes = sizes[sizes > 0]
-    if len(sizes) == 0:
-        return int(min(8, block_rows))
-    typical = int(np.ceil(np.percentile(sizes, 90)))
-    size = -(-typical // 8) * 8
-    return int(min(block_rows, max(8, size)))
-
-
 @dataclasses.dataclass
 class BlockLayout:
     """Where each row of a batch goes in the padded block tensor.
 
     Attributes:
-        order: int64, shape (n_rows,), row indices sorted by group.
+        order: int64, shape (n_rows,), row indices sorted by group (of
+            the rows laid out, which may be a subset of the batch).
         block: int64, shape (n_rows,), block of the row ``order[i]``.
         slot: int64, shape (n_rows,), position of that row in its block.
         block_group: int64, shape (n_blocks,), the group of each block.
@@ -283,6 +261,56 @@ def layout_blocks(group: np.ndarray, n_groups: int, block_size: int) -> BlockLay
     slot = position % block_size
     block_group = np.repeat(np.arange(n_groups), blocks_per_group)
     return BlockLayout(order, block, slot, block_group, block_size)
+
+
+def block_sizes(counts: np.ndarray, block_rows: int) -> np.ndarray:
+    """Rows per block for every group: its row count rounded up to a power of
+    two, at least 8 and at most ``block_rows``.
+
+    A group then fills one block that is at least half full, or, past
+    ``block_rows`` rows, several full ones and a last one. One size for a
+    whole batch cannot do both: with one key holding 90 % of the rows and
+    thousands of small groups, a size fit for the small groups cut the large
+    one into tens of thousands of blocks to merge, and a size fit for the
+    large one padded every small group to it. Results do not depend on the
+    sizes; only padding and the number of blocks do.
+
+    Args:
+        counts: int64, shape (n_groups,), rows of each group.
+        block_rows: the largest block allowed.
+
+    Returns:
+        int64, shape (n_groups,).
+    """
+    power = np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)
+    return np.clip(np.left_shift(1, power), min(8, block_rows), block_rows)
+
+
+def layouts_by_size(
+    group: np.ndarray, n_groups: int, block_rows: int
+) -> list[BlockLayout]:
+    """One block layout per block size of ``block_sizes``, largest first.
+
+    Args:
+        group: int64, shape (n_rows,), group index of every row, in
+            [0, n_groups).
+        n_groups: number of groups.
+        block_rows: the largest block allowed.
+
+    Returns:
+        Layouts whose ``order`` index the rows of ``group``; every row is in
+        exactly one of them.
+    """
+    counts = np.bincount(group, minlength=n_groups)
+    size = block_sizes(counts, block_rows)
+    row_size = size[group]
+    layouts = []
+    for block_size in np.unique(size[counts > 0])[::-1]:
+        rows = np.flatnonzero(row_size == block_size)
+        layout = layout_blocks(group[rows], n_groups, int(block_size))
+        layout.order = rows[layout.order]
+        layouts.append(layout)
+    return layouts
 
 
 def first_rows(values: np.ndarray, layout: BlockLayout) -> np.ndarray:

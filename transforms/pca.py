@@ -45,24 +45,31 @@ def batch_moments(
     group = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     n_groups = len(encoded.dictionary)
 
-    size = blocks.choose_block_size(group, block_rows)
-    layout = blocks.layout_blocks(group, n_groups, size)
-    shift = blocks.first_rows(values, layout)
-    padded, mask = blocks.fill_blocks(values, layout, shift, NP_DTYPES[dtype], weights)
-    n_rows, weight, weight_sq, mean, comoment = tensor_ops.block_moments(
-        padded, mask, batch_blocks
-    )
-
-    per_block = Moments(
-        keys=encoded.dictionary.take(pa.array(layout.block_group)),
-        n_rows=n_rows,
-        weight=weight,
-        weight_sq=weight_sq,
-        shift=shift,
-        mean=mean,
-        comoment=comoment,
-    )
-    return blocks.merge_moments([per_block])
+    # One TensorFlow op per block size: small groups in small blocks, large
+    # ones in full blocks of block_rows.
+    parts = []
+    for layout in blocks.layouts_by_size(group, n_groups, block_rows):
+        shift = blocks.first_rows(values, layout)
+        padded, mask = blocks.fill_blocks(
+            values, layout, shift, NP_DTYPES[dtype], weights
+        )
+        n_rows, weight, weight_sq, mean, comoment = tensor_ops.block_moments(
+            padded, mask, batch_blocks
+        )
+        parts.append(
+            Moments(
+                keys=encoded.dictionary.take(pa.array(layout.block_group)),
+                n_rows=n_rows,
+                weight=weight,
+                weight_sq=weight_sq,
+                shift=shift,
+                mean=mean,
+                comoment=comoment,
+            )
+        )
+    if not parts:
+        return blocks.empty_moments(keys.type, values.shape[1])
+    return blocks.merge_moments(parts)
 
 
 @dataclasses.dataclass

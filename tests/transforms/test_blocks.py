@@ -133,12 +133,33 @@ def test_layout_puts_every_row_in_one_slot_of_its_group(block_size):
     np.testing.assert_array_equal(layout.block_group[layout.block], group[layout.order])
 
 
-def test_block_size_holds_most_groups_whole_within_bounds():
-    sizes = np.repeat(np.arange(10), [100] * 9 + [5])
-    assert blocks.choose_block_size(sizes, 1024) == 104
-    assert blocks.choose_block_size(np.arange(10), 1024) == 8
-    assert blocks.choose_block_size(np.zeros(10**5, np.int64), 256) == 256
-    assert blocks.choose_block_size(np.zeros(0, np.int64), 1024) == 8
+def test_block_sizes_fit_each_group_within_bounds():
+    counts = np.array([0, 1, 8, 9, 100, 5000])
+
+    np.testing.assert_array_equal(
+        blocks.block_sizes(counts, 1024), [8, 8, 8, 16, 128, 1024]
+    )
+    np.testing.assert_array_equal(blocks.block_sizes(counts, 1), [1] * 6)
+    np.testing.assert_array_equal(
+        blocks.block_sizes(counts, 100), [8, 8, 8, 16, 100, 100]
+    )
+
+
+def test_layouts_by_size_cover_every_row_once():
+    rng = np.random.default_rng(4)
+    # One large group and many small ones, as with a hot key.
+    group = rng.permutation(np.repeat(np.arange(6), [3000, 2, 5, 9, 30, 1]))
+
+    layouts = blocks.layouts_by_size(group, 6, 1024)
+
+    assert [layout.block_size for layout in layouts] == [1024, 32, 16, 8]
+    rows = np.concatenate([layout.order for layout in layouts])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(group)))
+    for layout in layouts:
+        np.testing.assert_array_equal(
+            layout.block_group[layout.block], group[layout.order]
+        )
+        assert (layout.slot < layout.block_size).all()
 
 
 def test_segment_sums_match_reduceat():
