@@ -117,23 +117,33 @@ def segment_sums(array: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Sum of each run ``array[starts[i]:starts[i + 1]]`` along axis 0.
 
     The sums of ``np.add.reduceat(array, starts)`` for increasing ``starts``
-    beginning at 0, each run added from its first entry on. On arrays of
-    matrices reduceat takes one slow pass per run (0.23 s for 40,000
-    16 x 16 matrices in 10,000 runs); here each step adds the k-th entry of
-    every run longer than k in one vectorised pass (0.07 s), and runs are
-    short: a few parts per group.
+    beginning at 0, each run added from its first entry on (see
+    ``_run_sums``).
     """
     if array.ndim == 1:
         return np.add.reduceat(array, starts) if len(starts) else array[:0]
-    sizes = np.diff(np.append(starts, len(array)))
-    out = array[starts]
+    return _run_sums(lambda at: array[at], starts, len(array))
+
+
+def _run_sums(term, starts: np.ndarray, length: int) -> np.ndarray:
+    """Sum of ``term(i)`` over each run ``starts[r] <= i < starts[r + 1]``.
+
+    ``term`` maps an index array to the entries at those indices, so that
+    entries are made (gathered, or computed) only a step at a time. On stacks
+    of matrices ``np.add.reduceat`` takes one slow pass per run (0.23 s for
+    40,000 16 x 16 matrices in 10,000 runs); here each step adds the k-th
+    entry of every run longer than k in one vectorised pass (0.07 s), and
+    runs are short: a few parts per group.
+    """
+    sizes = np.diff(np.append(starts, length))
+    out = term(starts)
     if len(sizes) == 0 or sizes.max() <= 1:
         return out
     longest_first = np.argsort(-sizes, kind="stable")
     first = starts[longest_first]
     n_longer = np.searchsorted(-sizes[longest_first], -np.arange(1, sizes.max()))
     for k, count in enumerate(n_longer, start=1):
-        out[longest_first[:count]] += array[first[:count] + k]
+        out[longest_first[:count]] += term(first[:count] + k)
     return out
 
 
@@ -167,50 +177,59 @@ def merge_moments(parts: list[Moments]) -> Moments:
         return Moments(encoded.dictionary, **arrays)
 
     # Groups seen once are taken as they are; only the others are folded.
+    # Entries are gathered by index, never copied out whole: the co-moments
+    # of 256 features are as large as the rows they came from.
     single = np.bincount(group, minlength=n_groups)[group] == 1
-    out = {
-        name: np.empty((n_groups, *array.shape[1:]), dtype=array.dtype)
-        for name, array in arrays.items()
-    }
-    many = ~single
-    folded_group, folded = _fold(
-        group[many], {name: array[many] for name, array in arrays.items()}
-    )
+    once, repeated = np.flatnonzero(single), np.flatnonzero(~single)
+    folded_group, folded = _fold(group, repeated, arrays)
+    out = {}
     for name, array in arrays.items():
-        out[name][group[single]] = array[single]
+        out[name] = np.empty((n_groups, *array.shape[1:]), dtype=array.dtype)
+        out[name][group[once]] = array[once]
         out[name][folded_group] = folded[name]
     return Moments(encoded.dictionary, **out)
 
 
-def _fold(group: np.ndarray, parts: dict) -> tuple[np.ndarray, dict]:
-    """Merge parts by group id: (the group ids, their merged arrays)."""
-    order = np.argsort(group, kind="stable")
-    group = group[order]
-    parts = {name: array[order] for name, array in parts.items()}
-    starts = segment_starts(group)
-    if len(starts) == 0:
-        return group, parts
-    sizes = np.diff(np.append(starts, len(group)))
-    weight = parts["weight"]
+def _fold(
+    group: np.ndarray, entries: np.ndarray, arrays: dict
+) -> tuple[np.ndarray, dict]:
+    """Merge the entries at ``entries`` by group id.
+
+    Returns:
+        The group ids, and their merged arrays in that order.
+    """
+    order = entries[np.argsort(group[entries], kind="stable")]
+    sorted_group = group[order]
+    starts = segment_starts(sorted_group)
+    sizes = np.diff(np.append(starts, len(order)))
+    weight = arrays["weight"][order]
 
     # Every part's mean as an offset from the first part's reference point:
     # references of one group are near each other, so the difference is exact.
-    reference = parts["shift"][starts]
-    offset = (parts["shift"] - np.repeat(reference, sizes, axis=0)) + parts["mean"]
+    shift = arrays["shift"][order]
+    reference = shift[starts]
+    offset = (shift - np.repeat(reference, sizes, axis=0)) + arrays["mean"][order]
     total = segment_sums(weight, starts)
     merged_mean = segment_sums(offset * weight[:, None], starts) / total[:, None]
 
     spread = offset - np.repeat(merged_mean, sizes, axis=0)
-    between = (weight[:, None] * spread)[:, :, None] * spread[:, None, :]
+    weighted = weight[:, None] * spread
+    comoment = arrays["comoment"]
+
+    def part_comoment(at):
+        # The part's own co-moment plus that of its mean about the merged one.
+        between = weighted[at][:, :, None] * spread[at][:, None, :]
+        return comoment[order[at]] + between
+
     merged = {
-        "n_rows": segment_sums(parts["n_rows"], starts),
+        "n_rows": segment_sums(arrays["n_rows"][order], starts),
         "weight": total,
-        "weight_sq": segment_sums(parts["weight_sq"], starts),
+        "weight_sq": segment_sums(arrays["weight_sq"][order], starts),
         "shift": reference,
         "mean": merged_mean,
-        "comoment": segment_sums(parts["comoment"] + between, starts),
+        "comoment": _run_sums(part_comoment, starts, len(order)),
     }
-    return group[starts], merged
+    return sorted_group[starts], merged
 
 
 @dataclasses.dataclass
@@ -264,10 +283,11 @@ def layout_blocks(group: np.ndarray, n_groups: int, block_size: int) -> BlockLay
 
 
 def block_sizes(counts: np.ndarray, block_rows: int) -> np.ndarray:
-    """Rows per block for every group: its row count rounded up to a power of
-    two, at least 8 and at most ``block_rows``.
+    """Rows per block for every group: its row count rounded up to the next
+    of 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5 times them), at most
+    ``block_rows``.
 
-    A group then fills one block that is at least half full, or, past
+    A group then fills one block that is at least two thirds full, or, past
     ``block_rows`` rows, several full ones and a last one. One size for a
     whole batch cannot do both: with one key holding 90 % of the rows and
     thousands of small groups, a size fit for the small groups cut the large
@@ -282,12 +302,19 @@ def block_sizes(counts: np.ndarray, block_rows: int) -> np.ndarray:
     Returns:
         int64, shape (n_groups,).
     """
-    power = np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)
-    return np.clip(np.left_shift(1, power), min(8, block_rows), block_rows)
+    powers = np.left_shift(1, np.arange(3, 40))
+    steps = np.sort(np.concatenate([powers, powers + powers // 2]))
+    size = steps[np.searchsorted(steps, counts)]
+    return np.minimum(size, block_rows)
+
+
+# Fewest padded values (rows * features) worth a call of the moments op of
+# their own: about what the op gets through in the time a call costs.
+MIN_VALUES = 2**20
 
 
 def layouts_by_size(
-    group: np.ndarray, n_groups: int, block_rows: int
+    group: np.ndarray, n_groups: int, block_rows: int, n_features: int
 ) -> list[BlockLayout]:
     """One block layout per block size of ``block_sizes``, largest first.
 
@@ -296,6 +323,7 @@ def layouts_by_size(
             [0, n_groups).
         n_groups: number of groups.
         block_rows: the largest block allowed.
+        n_features: values per row.
 
     Returns:
         Layouts whose ``order`` index the rows of ``group``; every row is in
@@ -303,6 +331,16 @@ def layouts_by_size(
     """
     counts = np.bincount(group, minlength=n_groups)
     size = block_sizes(counts, block_rows)
+
+    # Each size costs one call of the op: a size with few padded values has
+    # its groups moved up to the next larger size there is, if at most twice
+    # it.
+    present = np.unique(size[counts > 0])
+    for smaller, larger in zip(present[:-1], present[1:], strict=True):
+        chosen = (size == smaller) & (counts > 0)
+        padded = (-(-counts[chosen] // smaller)).sum() * smaller * n_features
+        if padded < MIN_VALUES and larger <= 2 * smaller:
+            size[chosen] = larger
     row_size = size[group]
     layouts = []
     for block_size in np.unique(size[counts > 0])[::-1]:

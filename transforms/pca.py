@@ -48,7 +48,7 @@ def batch_moments(
     # One TensorFlow op per block size: small groups in small blocks, large
     # ones in full blocks of block_rows.
     parts = []
-    for layout in blocks.layouts_by_size(group, n_groups, block_rows):
+    for layout in blocks.layouts_by_size(group, n_groups, block_rows, values.shape[1]):
         shift = blocks.first_rows(values, layout)
         padded, mask = blocks.fill_blocks(
             values, layout, shift, NP_DTYPES[dtype], weights

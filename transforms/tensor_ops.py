@@ -103,8 +103,12 @@ def block_moments(
             np.zeros((0, n_features)),
             np.zeros((0, n_features, n_features)),
         )
+    # One batch is the usual case; its outputs need no copy.
     n_rows, weight, weight_sq, mean, comoment = (
-        np.concatenate(collected).astype(np.float64) for collected in outputs
+        (collected[0] if len(collected) == 1 else np.concatenate(collected)).astype(
+            np.float64, copy=False
+        )
+        for collected in outputs
     )
     return np.rint(n_rows).astype(np.int64), weight, weight_sq, mean, comoment
 

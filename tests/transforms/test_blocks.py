@@ -134,14 +134,14 @@ def test_layout_puts_every_row_in_one_slot_of_its_group(block_size):
 
 
 def test_block_sizes_fit_each_group_within_bounds():
-    counts = np.array([0, 1, 8, 9, 100, 5000])
+    counts = np.array([0, 1, 8, 9, 13, 100, 5000])
 
     np.testing.assert_array_equal(
-        blocks.block_sizes(counts, 1024), [8, 8, 8, 16, 128, 1024]
+        blocks.block_sizes(counts, 1024), [8, 8, 8, 12, 16, 128, 1024]
     )
-    np.testing.assert_array_equal(blocks.block_sizes(counts, 1), [1] * 6)
+    np.testing.assert_array_equal(blocks.block_sizes(counts, 1), [1] * 7)
     np.testing.assert_array_equal(
-        blocks.block_sizes(counts, 100), [8, 8, 8, 16, 100, 100]
+        blocks.block_sizes(counts, 100), [8, 8, 8, 12, 16, 100, 100]
     )
 
 
@@ -150,9 +150,9 @@ def test_layouts_by_size_cover_every_row_once():
     # One large group and many small ones, as with a hot key.
     group = rng.permutation(np.repeat(np.arange(6), [3000, 2, 5, 9, 30, 1]))
 
-    layouts = blocks.layouts_by_size(group, 6, 1024)
+    layouts = blocks.layouts_by_size(group, 6, 1024, n_features=2**20)
 
-    assert [layout.block_size for layout in layouts] == [1024, 32, 16, 8]
+    assert [layout.block_size for layout in layouts] == [1024, 32, 12, 8]
     rows = np.concatenate([layout.order for layout in layouts])
     np.testing.assert_array_equal(np.sort(rows), np.arange(len(group)))
     for layout in layouts:
