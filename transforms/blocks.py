@@ -1,4 +1,4 @@
-"""Pack a group's rows into fixed-size blocks and merge moments exactly.
+"""Pack groups' rows into padded blocks and merge moments exactly.
 
 Plain NumPy, float64, nothing of Beam or TensorFlow. The moments of a set of
 rows are its row count, its mean and its co-moment matrix
@@ -125,6 +125,11 @@ def segment_sums(array: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return _run_sums(lambda at: array[at], starts, len(array))
 
 
+# Entries of a run added by vectorised steps; the rest of a longer run is
+# summed by np.add.reduceat, which is fast on few long runs.
+STEPS = 32
+
+
 def _run_sums(term, starts: np.ndarray, length: int) -> np.ndarray:
     """Sum of ``term(i)`` over each run ``starts[r] <= i < starts[r + 1]``.
 
@@ -132,8 +137,9 @@ def _run_sums(term, starts: np.ndarray, length: int) -> np.ndarray:
     entries are made (gathered, or computed) only a step at a time. On stacks
     of matrices ``np.add.reduceat`` takes one slow pass per run (0.23 s for
     40,000 16 x 16 matrices in 10,000 runs); here each step adds the k-th
-    entry of every run longer than k in one vectorised pass (0.07 s), and
-    runs are short: a few parts per group.
+    entry of every run longer than k in one vectorised pass (0.07 s). Runs
+    are mostly a few parts of one group; past ``STEPS`` entries (a hot key cut
+    into thousands of blocks) a run's remainder goes to reduceat instead.
     """
     sizes = np.diff(np.append(starts, length))
     out = term(starts)
@@ -141,9 +147,19 @@ def _run_sums(term, starts: np.ndarray, length: int) -> np.ndarray:
         return out
     longest_first = np.argsort(-sizes, kind="stable")
     first = starts[longest_first]
-    n_longer = np.searchsorted(-sizes[longest_first], -np.arange(1, sizes.max()))
+    steps = min(int(sizes.max()), STEPS)
+    n_longer = np.searchsorted(-sizes[longest_first], -np.arange(1, steps))
     for k, count in enumerate(n_longer, start=1):
         out[longest_first[:count]] += term(first[:count] + k)
+
+    long = np.flatnonzero(sizes > STEPS)
+    if len(long):
+        rest = sizes[long] - STEPS
+        local_starts = np.cumsum(rest) - rest
+        at = np.repeat(starts[long] + STEPS - local_starts, rest) + np.arange(
+            rest.sum()
+        )
+        out[long] += np.add.reduceat(term(at), local_starts)
     return out
 
 
@@ -287,8 +303,10 @@ def block_sizes(counts: np.ndarray, block_rows: int) -> np.ndarray:
     of 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5 times them), at most
     ``block_rows``.
 
-    A group then fills one block that is at least two thirds full, or, past
-    ``block_rows`` rows, several full ones and a last one. One size for a
+    A group of more than 8 rows then fills one block that is more than two
+    thirds full (before sizes with few blocks are merged, see
+    ``layouts_by_size``), or, past ``block_rows`` rows, several full ones and
+    a last one. One size for a
     whole batch cannot do both: with one key holding 90 % of the rows and
     thousands of small groups, a size fit for the small groups cut the large
     one into tens of thousands of blocks to merge, and a size fit for the

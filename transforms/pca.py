@@ -317,6 +317,60 @@ def feature_scale(bases: Bases) -> np.ndarray:
     return np.where(variance > 0, np.sqrt(np.maximum(variance, 0)), 1.0)
 
 
+class Projector:
+    """Bases made ready to project rows onto: means and axes become
+    TensorFlow constants once, not once per batch of rows.
+
+    Args:
+        bases: the fitted groups.
+        dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
+        scale: float64, shape (n_groups, n_features), from ``feature_scale``;
+            None for no scaling.
+    """
+
+    def __init__(self, bases: Bases, dtype: str, scale: np.ndarray | None = None):
+        np_dtype = NP_DTYPES[dtype]
+        forward, back = bases.components, bases.components
+        if scale is not None:
+            forward = forward / scale[:, None, :]
+            back = back * scale[:, None, :]
+        self._mean = bases.mean
+        self._mean_tensor = tensor_ops.constant(bases.mean)
+        self._forward = tensor_ops.constant(forward.astype(np_dtype))
+        self._back = tensor_ops.constant(back.astype(np_dtype))
+        self._zero = tensor_ops.constant(np.zeros((bases.n_groups, bases.n_components)))
+
+    def project(self, group: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Each row's scores: ((x - mean) / scale) @ components.T.
+
+        Args:
+            group: int64, shape (n_rows,), index into the bases of each
+                row's group.
+            values: float64, shape (n_rows, n_features).
+
+        Returns:
+            float64, shape (n_rows, n_components), in the order of the rows;
+            0 past a group's ``n_kept``.
+        """
+        return tensor_ops.gathered_matmul(
+            values, group, self._mean_tensor, self._forward, transpose_b=True
+        )
+
+    def reconstruct(self, group: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Rows rebuilt from their (unwhitened) scores: mean + scores @ components,
+        scaled back when the bases are standardised.
+
+        Args:
+            group: int64, shape (n_rows,), as for ``project``.
+            scores: float64, shape (n_rows, n_components), from ``project``.
+
+        Returns:
+            float64, shape (n_rows, n_features).
+        """
+        product = tensor_ops.gathered_matmul(scores, group, self._zero, self._back)
+        return product + self._mean[group]
+
+
 def project_rows(
     bases: Bases,
     group: np.ndarray,
@@ -324,26 +378,8 @@ def project_rows(
     dtype: str,
     scale: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Project rows onto their group's basis: ((x - mean) / scale) @ components.T.
-
-    Args:
-        bases: the fitted groups.
-        group: int64, shape (n_rows,), index into ``bases`` of each row's group.
-        values: float64, shape (n_rows, n_features).
-        dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
-        scale: float64, shape (n_groups, n_features), from ``feature_scale``;
-            None for no scaling.
-
-    Returns:
-        float64, shape (n_rows, n_components), in the order of the rows; 0
-        past a group's ``n_kept``.
-    """
-    axes = bases.components
-    if scale is not None:
-        axes = axes / scale[:, None, :]
-    return tensor_ops.gathered_matmul(
-        values, group, bases.mean, axes.astype(NP_DTYPES[dtype]), transpose_b=True
-    )
+    """``Projector(bases, dtype, scale).project(group, values)``."""
+    return Projector(bases, dtype, scale).project(group, values)
 
 
 def reconstruct_rows(
@@ -353,26 +389,8 @@ def reconstruct_rows(
     dtype: str,
     scale: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rows rebuilt from their (unwhitened) scores: mean + scores @ components.
-
-    Args:
-        bases: the fitted groups.
-        group: int64, shape (n_rows,), index into ``bases`` of each row's group.
-        scores: float64, shape (n_rows, n_components), from ``project_rows``.
-        dtype: "float32" or "float64", the dtype of the TensorFlow matmul.
-        scale: as for ``project_rows``; the rebuilt rows are scaled back.
-
-    Returns:
-        float64, shape (n_rows, n_features).
-    """
-    zero = np.zeros((bases.n_groups, bases.n_components))
-    axes = bases.components
-    if scale is not None:
-        axes = axes * scale[:, None, :]
-    product = tensor_ops.gathered_matmul(
-        scores, group, zero, axes.astype(NP_DTYPES[dtype])
-    )
-    return product + bases.mean[group]
+    """``Projector(bases, dtype, scale).reconstruct(group, scores)``."""
+    return Projector(bases, dtype, scale).reconstruct(group, scores)
 
 
 def whitening_scale(bases: Bases) -> np.ndarray:

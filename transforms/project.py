@@ -107,9 +107,10 @@ class ProjectFn(beam.DoFn):
             table, self._spec.key, len(self._spec.features)
         )
         self._scale = pca.whitening_scale(self._bases)
-        self._feature_scale = (
+        feature_scale = (
             pca.feature_scale(self._bases) if self._outputs.standardize else None
         )
+        self._projector = pca.Projector(self._bases, self._dtype, feature_scale)
         self._progress = Progress("Transform", self._spec.n_rows)
 
     def process(self, element):
@@ -124,9 +125,7 @@ class ProjectFn(beam.DoFn):
         has_basis = group >= 0
         group = group[has_basis]
         values = batch.values[has_basis]
-        scores = pca.project_rows(
-            bases, group, values, self._dtype, self._feature_scale
-        )
+        scores = self._projector.project(group, values)
         rows = np.flatnonzero(batch.kept)[has_basis]
 
         self._progress.add(table.num_rows)
@@ -158,13 +157,7 @@ class ProjectFn(beam.DoFn):
         for i in range(bases.n_components):
             columns[f"pc_{i + 1}"] = pa.array(shown[:, i], mask=past_kept[:, i])
         if self._outputs.reconstruction_error or self._outputs.reconstruct:
-            rebuilt = pca.reconstruct_rows(
-                bases,
-                group,
-                scores,
-                self._dtype,
-                self._feature_scale,
-            )
+            rebuilt = self._projector.reconstruct(group, scores)
             if self._outputs.reconstruction_error:
                 error = np.square(values - rebuilt).sum(axis=1)
                 columns["reconstruction_error"] = pa.array(error)

@@ -287,11 +287,16 @@ def _gathered_matmul_fn(dtype: tf.DType, transpose_b: bool):
 GATHER_VALUES = 2**22
 
 
+def constant(array: np.ndarray) -> tf.Tensor:
+    """A NumPy array as a TensorFlow constant of its own dtype."""
+    return tf.constant(array)
+
+
 def gathered_matmul(
     rows: np.ndarray,
     group: np.ndarray,
-    offsets: np.ndarray,
-    matrices: np.ndarray,
+    offsets: np.ndarray | tf.Tensor,
+    matrices: np.ndarray | tf.Tensor,
     transpose_b: bool = False,
 ) -> np.ndarray:
     """(rows - offsets[group]) @ matrices[group] for every row at once.
@@ -309,9 +314,11 @@ def gathered_matmul(
         rows: float64, shape (n_rows, m).
         group: int64, shape (n_rows,), index into ``offsets`` and
             ``matrices`` of each row's group.
-        offsets: float64, shape (n_groups, m), subtracted in float64.
+        offsets: float64, shape (n_groups, m), subtracted in float64; an
+            array or a constant from ``constant`` (reused without a copy).
         matrices: float32 or float64 (the dtype of the product), shape
-            (n_groups, m, p), or (n_groups, p, m) with ``transpose_b``.
+            (n_groups, m, p), or (n_groups, p, m) with ``transpose_b``; an
+            array or a constant.
         transpose_b: multiply by each matrix's transpose.
 
     Returns:
@@ -320,9 +327,9 @@ def gathered_matmul(
     width = matrices.shape[1] if transpose_b else matrices.shape[2]
     if len(rows) == 0:
         return np.zeros((0, width))
-    op = _gathered_matmul_fn(tf.as_dtype(matrices.dtype), transpose_b)
-    offsets = tf.constant(offsets, tf.float64)
-    matrices = tf.constant(matrices)
+    offsets = tf.convert_to_tensor(offsets, tf.float64)
+    matrices = tf.convert_to_tensor(matrices)
+    op = _gathered_matmul_fn(matrices.dtype, transpose_b)
     chunk = max(1, GATHER_VALUES // max(1, matrices.shape[1] * matrices.shape[2]))
     rows = rows.astype(np.float64, copy=False)
     group = group.astype(np.int64, copy=False)

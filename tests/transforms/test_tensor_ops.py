@@ -1,5 +1,8 @@
 """The TensorFlow ops against NumPy float64, computed in each test."""
 
+import concurrent.futures
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -76,3 +79,53 @@ def test_projection_by_gathered_bases_matches_numpy():
         expected_axes = oracle(rows)["components"][:3]
         expected = (rows - rows.mean(axis=0)) @ expected_axes.T
         assert_close(scores[group == g], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_gathered_matmul_over_many_chunks_matches_numpy(monkeypatch, dtype, rtol):
+    rng = np.random.default_rng(8)
+    rows = rng.normal(size=(1000, 5)) + 1e3
+    group = rng.integers(0, 7, size=1000)
+    offsets = rng.normal(size=(7, 5)) + 1e3
+    matrices = rng.normal(size=(7, 3, 5))
+    # 64 gathered entries a chunk: 4 rows of 3 x 5, so 250 chunks.
+    monkeypatch.setattr(tensor_ops, "GATHER_VALUES", 64)
+
+    scores = tensor_ops.gathered_matmul(
+        rows, group, offsets, matrices.astype(dtype), transpose_b=True
+    )
+    rebuilt = tensor_ops.gathered_matmul(
+        scores, group, np.zeros((7, 3)), matrices.astype(dtype)
+    )
+
+    centred = rows - offsets[group]
+    expected = np.einsum("nm,npm->np", centred, matrices[group])
+    assert_close(scores, expected, rtol=rtol)
+    assert_close(rebuilt, np.einsum("np,npm->nm", expected, matrices[group]), rtol)
+
+
+def test_block_moments_in_two_threads_at_once_match_one_thread():
+    rng = np.random.default_rng(10)
+    inputs = []
+    for n_features in (3, 4):
+        blocks = rng.normal(size=(300, 8, n_features))
+        inputs.append((blocks, np.ones((300, 8))))
+    expected = [tensor_ops.block_moments(b, m, batch_blocks=7) for b, m in inputs]
+
+    # Each thread gets its own tf.data pipeline (a Beam worker may run
+    # bundles in threads); a shared one would mix the batches.
+    barrier = threading.Barrier(2)
+
+    def run(blocks, mask):
+        barrier.wait()
+        return [
+            tensor_ops.block_moments(blocks, mask, batch_blocks=7) for _ in range(5)
+        ]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda pair: run(*pair), inputs))
+
+    for runs, wanted in zip(results, expected, strict=True):
+        for found in runs:
+            for array, expected_array in zip(found, wanted, strict=True):
+                np.testing.assert_array_equal(array, expected_array)
