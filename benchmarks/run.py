@@ -458,7 +458,7 @@ def _cell(value, fmt: str) -> str:
 def table(results: dict, names: list[str]) -> str:
     header = (
         f"{'run':<10} {'n':>2} {'wall s':>8} {'inner s':>8} {'cpu s':>8} "
-        f"{'maxrss MB':>10} {'tree MB':>8} {'wall/st':>8} {'cpu/st':>7} {'rss/st':>7} "
+        f"{'maxrssMiB':>10} {'treeMiB':>8} {'wall/st':>8} {'cpu/st':>7} {'rss/st':>7} "
         f"{'cov rel':>9} {'comp abs':>9} {'noise':>5}"
     )
     lines = [header, "-" * len(header)]
@@ -509,7 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--results-dir",
-        help="where <name>.json goes (default: benchmarks/results/)",
+        help="where <name>.json goes (default: benchmarks/results/, or "
+        "<work-dir>/results/ with --smoke)",
     )
     parser.add_argument("--name", help="results file name (default: from the sizes)")
     parser.add_argument(
@@ -533,8 +534,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.smoke:
+        # A smoke run has fixed sizes; a size given with it would be ignored.
+        given = [
+            name for name in SMOKE if getattr(args, name) != parser.get_default(name)
+        ]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            parser.error(f"--smoke sets its own sizes; drop {flag}")
         for name, value in SMOKE.items():
             setattr(args, name, value)
+    for name in ("rows", "features", "groups", "repeats", "row_group_rows"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag}={getattr(args, name)} must be a positive integer")
+    if args.n_components < 1:
+        parser.error(f"--n-components={args.n_components} must be at least 1")
+    if not 0 <= args.skew <= 1:
+        parser.error(f"--skew={args.skew} must be between 0 and 1")
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f"--timeout={args.timeout} must be a positive number of seconds")
     names = args.only.split(",") if args.only else list(RUNS)
     unknown = [name for name in names if name not in RUNS]
     if unknown:
@@ -554,6 +572,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.name is None:
         args.name = f"r{args.rows}_f{args.features}_g{args.groups}_s{args.skew:g}"
     return args
+
+
+def results_folder(args: argparse.Namespace) -> str:
+    """Where the results JSON goes: ``--results-dir``, else the repository's
+    ``benchmarks/results/``; a smoke run's figures are not worth keeping beside
+    the real ones, so they go under the work folder."""
+    if args.results_dir:
+        return args.results_dir
+    if args.smoke:
+        return os.path.join(args.work_dir, "results")
+    return os.path.join(ROOT, "benchmarks", "results")
 
 
 def measure_all(args: argparse.Namespace, runs: dict[str, Run], work: str) -> dict:
@@ -576,7 +605,7 @@ def measure_all(args: argparse.Namespace, runs: dict[str, Run], work: str) -> di
             results[name]["measurements"].append(m)
             state = "timed out" if m["timed_out"] else f"rc={m['rc']}"
             _LOGGER.info(
-                "  %s: %.2f s wall, %.2f s cpu, %.0f MB maxrss, %.0f MB tree, "
+                "  %s: %.2f s wall, %.2f s cpu, %.0f MiB maxrss, %.0f MiB tree, "
                 "others kept %.1f cores busy (%s)",
                 name,
                 m["wall_s"],
@@ -607,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     work = os.path.abspath(os.path.join(args.work_dir, args.name))
-    results_dir = args.results_dir or os.path.join(ROOT, "benchmarks", "results")
+    results_dir = results_folder(args)
     path = os.path.join(results_dir, f"{args.name}.json")
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     os.makedirs(results_dir, exist_ok=True)
