@@ -245,3 +245,49 @@ def test_group_with_no_more_than_ddof_rows_is_left_out_and_counted(tmp_path):
     assert summary["rows_left_out"] == {"too_few_rows": 1}
     assert summary["groups_left_out"] == {"too_few_rows": 1}
     assert summary["rows_read"] == summary["rows_projected"] + 1
+
+
+def test_hot_key_among_small_weighted_groups_matches_numpy(tmp_path):
+    # One key of 3,000 rows beside 40 groups of 2 to 40 rows, weighted, in
+    # two row groups. With blocks of at most 8 rows the key is about 190
+    # blocks per row group: more parts than the merge adds step by step.
+    rng = np.random.default_rng(21)
+    sizes = np.concatenate([[3000], rng.integers(2, 41, size=40)])
+    keys = np.repeat(np.arange(len(sizes)), sizes)
+    order = rng.permutation(len(keys))
+    keys = keys[order]
+    values = rng.normal(size=(len(keys), 3)) * [1.0, 3.0, 0.2] + keys[:, None] * 10.0
+    weights = rng.random(len(keys)) + 0.5
+    columns = {f"f{i}": values[:, i] for i in range(3)}
+    table = pa.table(dict(columns, k=keys, w=weights, row_id=np.arange(len(keys))))
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=2000)
+
+    out = run_stage(
+        tmp_path,
+        input=str(tmp_path / "in.parquet"),
+        key="k",
+        weight="w",
+        passthrough=["row_id"],
+        n_components=2,
+        block_rows=8,
+    )
+
+    components = read_components(out).to_pandas().set_index("k")
+    projected = read_projected(out).to_pandas().set_index("row_id").sort_index()
+    for key in range(len(sizes)):
+        rows = keys == key
+        expected = np.cov(values[rows], rowvar=False, aweights=weights[rows])
+        mean = np.average(values[rows], axis=0, weights=weights[rows])
+        found = np.array(components.loc[key, "covariance"].tolist())
+        assert_close(found, expected, 1e-12)
+        assert_close(np.array(components.loc[key, "mean"].tolist()), mean, 1e-12)
+
+        _, eigenvectors = np.linalg.eigh(expected)
+        axes = eigenvectors[:, ::-1].T[:2]
+        pivot = axes[np.arange(2), np.abs(axes).argmax(axis=1)]
+        axes = axes * np.sign(pivot)[:, None]
+        # Axes are as sensitive as the eigenvalue gaps (scales 3, 1, 0.2).
+        found_axes = np.array(components.loc[key, "components"].tolist())
+        assert_close(found_axes, axes, 1e-9)
+        scores = projected.loc[np.flatnonzero(rows), ["pc_1", "pc_2"]].to_numpy()
+        assert_close(scores, (values[rows] - mean) @ axes.T, 1e-9)
