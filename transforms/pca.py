@@ -371,28 +371,6 @@ class Projector:
         return product + self._mean[group]
 
 
-def project_rows(
-    bases: Bases,
-    group: np.ndarray,
-    values: np.ndarray,
-    dtype: str,
-    scale: np.ndarray | None = None,
-) -> np.ndarray:
-    """``Projector(bases, dtype, scale).project(group, values)``."""
-    return Projector(bases, dtype, scale).project(group, values)
-
-
-def reconstruct_rows(
-    bases: Bases,
-    group: np.ndarray,
-    scores: np.ndarray,
-    dtype: str,
-    scale: np.ndarray | None = None,
-) -> np.ndarray:
-    """``Projector(bases, dtype, scale).reconstruct(group, scores)``."""
-    return Projector(bases, dtype, scale).reconstruct(group, scores)
-
-
 def whitening_scale(bases: Bases) -> np.ndarray:
     """1 / sqrt(explained_variance), 0 where the eigenvalue is 0.
 

@@ -72,7 +72,7 @@ def test_projection_by_gathered_bases_matches_numpy():
     bases, _ = pca.fit_bases(moments, ddof=1, n_components=3)
 
     index = pca.lookup_groups(bases, pa.array(group))
-    scores = pca.project_rows(bases, index, values, "float64")
+    scores = pca.Projector(bases, "float64").project(index, values)
 
     for g in range(3):
         rows = values[group == g]
