@@ -37,6 +37,11 @@ def one_line(capsys) -> list[str]:
         (["--direct_num_wrkers=2"], "did you mean --direct_num_workers?"),
         (["--log-level", "LOUD"], "invalid choice: 'LOUD'"),
         (["--n-components", "many"], "--n-components: invalid"),
+        (
+            ["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
+            "use multi_processing",
+        ),
+        (["--direct_running_mode", "multi_threading"], "is not supported"),
     ],
 )
 def test_a_mistyped_flag_is_a_one_line_error(tmp_path, capsys, args, fragment):
