@@ -162,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.profile", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--features", type=int, default=16)
-    parser.add_argument("--groups", type=int, default=10_000)
-    parser.add_argument("--skew", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--row-group-rows", type=int, default=262_144)
-    parser.add_argument("--n-components", type=int, default=2)
+    bench.add_input_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--rate", type=int, default=100)
     parser.add_argument("--top", type=int, default=25)
@@ -183,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stage-ref", help="as for benchmarks.run")
     args = parser.parse_args(argv)
+    bench.check_input_arguments(parser, args)
 
     py_spy = shutil.which("py-spy") or os.path.join(
         os.path.dirname(sys.executable), "py-spy"
@@ -190,18 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(py_spy):
         print("error: py-spy is not installed; pip install py-spy", file=sys.stderr)
         return 2
-    name = f"r{args.rows}_f{args.features}_g{args.groups}_s{args.skew:g}"
-    work = os.path.abspath(os.path.join(args.work_dir, name))
+    work = os.path.abspath(os.path.join(args.work_dir, bench.sizes_name(args)))
     os.makedirs(os.path.join(work, "profile"), exist_ok=True)
-    params = {
-        "rows": args.rows,
-        "features": args.features,
-        "groups": args.groups,
-        "skew": args.skew,
-        "seed": args.seed,
-        "row_group_rows": args.row_group_rows,
-        "n_components": args.n_components,
-    }
+    params = bench.input_params(args)
     bench.ensure_input(work, params)
     stage_root = (
         bench.stage_snapshot(args.stage_ref, work) if args.stage_ref else bench.ROOT

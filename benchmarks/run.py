@@ -485,10 +485,8 @@ def table(results: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
-    )
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe a generated input (shared with benchmarks.profile)."""
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--groups", type=int, default=10_000)
@@ -496,6 +494,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--row-group-rows", type=int, default=262_144)
     parser.add_argument("--n-components", type=int, default=2)
+
+
+def check_input_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> None:
+    """One-line errors (exit 2) for sizes no input can have."""
+    for name in ("rows", "features", "groups", "row_group_rows"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag}={getattr(args, name)} must be a positive integer")
+    if args.n_components < 1:
+        parser.error(f"--n-components={args.n_components} must be at least 1")
+    if not 0 <= args.skew <= 1:
+        parser.error(f"--skew={args.skew} must be between 0 and 1")
+    if args.n_components > args.features:
+        parser.error(
+            f"--n-components={args.n_components} must be at most "
+            f"--features={args.features}"
+        )
+
+
+def input_params(args: argparse.Namespace) -> dict:
+    """The generated input's parameters, as ``ensure_input`` takes them."""
+    names = ("rows", "features", "groups", "skew", "seed", "row_group_rows")
+    return {name: getattr(args, name) for name in (*names, "n_components")}
+
+
+def sizes_name(args: argparse.Namespace) -> str:
+    """The work folder's and results file's name for a set of sizes."""
+    return f"r{args.rows}_f{args.features}_g{args.groups}_s{args.skew:g}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
+    )
+    add_input_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(RUNS)}")
     parser.add_argument(
@@ -543,14 +578,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--smoke sets its own sizes; drop {flag}")
         for name, value in SMOKE.items():
             setattr(args, name, value)
-    for name in ("rows", "features", "groups", "repeats", "row_group_rows"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag}={getattr(args, name)} must be a positive integer")
-    if args.n_components < 1:
-        parser.error(f"--n-components={args.n_components} must be at least 1")
-    if not 0 <= args.skew <= 1:
-        parser.error(f"--skew={args.skew} must be between 0 and 1")
+    check_input_arguments(parser, args)
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} must be a positive integer")
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout={args.timeout} must be a positive number of seconds")
     names = args.only.split(",") if args.only else list(RUNS)
@@ -562,15 +592,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.once if name not in RUNS]
     if unknown:
         parser.error(f"--once names {unknown[0]!r}; expected some of {RUNS}")
-    if args.n_components > args.features:
-        parser.error(
-            f"--n-components={args.n_components} must be at most "
-            f"--features={args.features}"
-        )
     if args.name is None and args.smoke:
         args.name = "smoke"
     elif args.name is None:
-        args.name = f"r{args.rows}_f{args.features}_g{args.groups}_s{args.skew:g}"
+        args.name = sizes_name(args)
     return args
 
 
@@ -649,17 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         report["agreement_reference"] = agree(report["runs"], names)
         params = report["params"]
     else:
-        params = {
-            "rows": args.rows,
-            "features": args.features,
-            "groups": args.groups,
-            "skew": args.skew,
-            "seed": args.seed,
-            "row_group_rows": args.row_group_rows,
-            "n_components": args.n_components,
-            "repeats": args.repeats,
-            "once": args.once,
-        }
+        params = {**input_params(args), "repeats": args.repeats, "once": args.once}
         input_path = ensure_input(work, params)
         source = source_state()
         if args.stage_ref:
