@@ -15,6 +15,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 IRIS = ROOT / "data" / "iris.parquet"
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+# The Iris job per species, as most tests run it.
+IRIS_CONFIG = {
+    "input": str(IRIS),
+    "key": "species",
+    "features": IRIS_FEATURES,
+    "passthrough": ["row_id"],
+}
 
 
 def write_config(directory: Path, **settings) -> Path:

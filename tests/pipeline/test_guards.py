@@ -10,20 +10,12 @@ import pytest
 
 from pipeline.run import main
 from tests.helpers import (
-    IRIS,
-    IRIS_FEATURES,
+    IRIS_CONFIG,
     read_components,
     read_projected,
     run_stage,
     write_config,
 )
-
-IRIS_CONFIG = {
-    "input": str(IRIS),
-    "key": "species",
-    "features": IRIS_FEATURES,
-    "passthrough": ["row_id"],
-}
 
 
 def one_line(capsys) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 from pipeline.run import main
 from tests.helpers import (
     IRIS,
+    IRIS_CONFIG,
     IRIS_FEATURES,
     ROOT,
     read_components,
@@ -21,13 +22,6 @@ from tests.helpers import (
     run_stage,
     write_config,
 )
-
-IRIS_CONFIG = {
-    "input": str(IRIS),
-    "key": "species",
-    "features": IRIS_FEATURES,
-    "passthrough": ["row_id"],
-}
 
 
 def snapshot(folder) -> dict:

@@ -9,8 +9,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from tests import helpers
 from tests.helpers import (
-    IRIS,
     IRIS_FEATURES,
     assert_close,
     matrix,
@@ -20,14 +20,7 @@ from tests.helpers import (
     run_stage,
 )
 
-IRIS_CONFIG = {
-    "input": str(IRIS),
-    "key": "species",
-    "features": IRIS_FEATURES,
-    "passthrough": ["row_id"],
-    "ddof": 1,
-    "n_components": 2,
-}
+IRIS_CONFIG = {**helpers.IRIS_CONFIG, "ddof": 1, "n_components": 2}
 
 FIGURES = [
     "mean",
