@@ -126,22 +126,28 @@ def test_every_run_reports_positive_time_and_memory(smoke):
         assert run["tree_rss_mb"] >= run["maxrss_mb"], name
 
 
+def _assert_same_bases(result: dict, expected: dict) -> None:
+    """Same keys, covariances to RTOL of each group's scale, components to
+    RTOL up to sign."""
+    np.testing.assert_array_equal(result["key"], expected["key"])
+    scale = np.abs(expected["covariance"]).max(axis=(1, 2), keepdims=True)
+    np.testing.assert_array_less(
+        np.abs(result["covariance"] - expected["covariance"]) / scale, RTOL
+    )
+    # An eigenvector is defined up to its sign.
+    sign = np.sign((result["components"] * expected["components"]).sum(axis=-1))
+    np.testing.assert_allclose(
+        result["components"] * sign[..., None], expected["components"], atol=RTOL
+    )
+
+
 @pytest.mark.parametrize("name", RUNS)
 def test_covariance_and_components_match_numpy_oracle(smoke, name):
     report, oracle = smoke
     result = _components(report["runs"][name]["output_dir"])
 
-    np.testing.assert_array_equal(result["key"], oracle["key"])
     np.testing.assert_array_equal(result["n_rows"], oracle["n_rows"])
-    scale = np.abs(oracle["covariance"]).max(axis=(1, 2), keepdims=True)
-    np.testing.assert_array_less(
-        np.abs(result["covariance"] - oracle["covariance"]) / scale, RTOL
-    )
-    # An eigenvector is defined up to its sign.
-    sign = np.sign((result["components"] * oracle["components"]).sum(axis=-1))
-    np.testing.assert_allclose(
-        result["components"] * sign[..., None], oracle["components"], atol=RTOL
-    )
+    _assert_same_bases(result, oracle)
 
 
 @pytest.mark.parametrize("name", [name for name in RUNS if name != "stage"])
@@ -150,15 +156,7 @@ def test_other_runs_match_stage_components(smoke, name):
     stage = _components(report["runs"]["stage"]["output_dir"])
     result = _components(report["runs"][name]["output_dir"])
 
-    np.testing.assert_array_equal(result["key"], stage["key"])
-    scale = np.abs(stage["covariance"]).max(axis=(1, 2), keepdims=True)
-    np.testing.assert_array_less(
-        np.abs(result["covariance"] - stage["covariance"]) / scale, RTOL
-    )
-    sign = np.sign((result["components"] * stage["components"]).sum(axis=-1))
-    np.testing.assert_allclose(
-        result["components"] * sign[..., None], stage["components"], atol=RTOL
-    )
+    _assert_same_bases(result, stage)
 
 
 @pytest.mark.parametrize("name", PROJECTING)
